@@ -1,0 +1,75 @@
+"""Optimizer schedule and decay mask, task mixing, mesh and rule validation."""
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from vlp.dist import logical, mesh as mesh_lib, sharding as sharding_lib
+from vlp.train import optim
+from vlp.train.task_mix import TaskMix
+
+
+def test_schedule_matches_reference_formula():
+  peak, warmup, total = 5e-5, 10, 50
+  sched = optim.warmup_linear_decay(peak, warmup, total)
+  for step in [0, 4, 8, 9, 10, 30, 48, 49, 60]:
+    t = step + 1
+    want = peak * t / warmup if t < warmup else peak * max(0, (total - t) / (total - warmup))
+    want = want if want > 0 else 1e-8
+    assert float(sched(step)) == pytest.approx(want, rel=1e-6), step
+
+
+def test_decay_mask_follows_reference_names():
+  params = {"uniter": {"embeddings": {"LayerNorm": {"scale": 1, "bias": 1},
+                                      "word_embeddings": {"embedding": 1}},
+                       "img_embeddings": {"img_layer_norm": {"scale": 1, "bias": 1},
+                                          "img_linear": {"kernel": 1, "bias": 1}}}}
+  m = optim.decay_mask(params)
+  assert m["uniter"]["embeddings"]["LayerNorm"] == {"scale": False, "bias": False}
+  assert m["uniter"]["embeddings"]["word_embeddings"]["embedding"] is True
+  # The reference's name test leaves img_layer_norm.weight decayed.
+  assert m["uniter"]["img_embeddings"]["img_layer_norm"] == {"scale": True, "bias": False}
+  assert m["uniter"]["img_embeddings"]["img_linear"] == {"kernel": True, "bias": False}
+
+
+def test_task_mix_is_deterministic_and_follows_ratios():
+  ratios = {"mlm": 4, "mrfr": 2, "itm": 2}
+  a, b = TaskMix(ratios, seed=3), TaskMix(ratios, seed=3)
+  seq = [a.task(s) for s in range(4000)]
+  assert seq == [b.task(s) for s in range(4000)]
+  assert seq != [TaskMix(ratios, seed=4).task(s) for s in range(4000)]
+  counts = collections.Counter(seq)
+  for name, r in ratios.items():
+    p = r / 8
+    sd = np.sqrt(p * (1 - p) / 4000)
+    assert abs(counts[name] / 4000 - p) < 5 * sd, (name, counts)
+  # Order-independent: step 123 gives the same task whatever was asked before.
+  assert TaskMix(ratios, 3).task(123) == seq[123]
+
+
+def test_mesh_resolves_and_rejects_bad_sizes():
+  assert jax.device_count() == 8
+  m = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2})
+  assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  with pytest.raises(ValueError, match=r"does not divide the 8 devices.*multiply to 3"):
+    mesh_lib.make_mesh({"data": -1, "fsdp": 3, "tensor": 1})
+  with pytest.raises(ValueError, match="needs 6 devices but 8 are available"):
+    mesh_lib.make_mesh({"data": 3, "fsdp": 2, "tensor": 1})
+  with pytest.raises(ValueError, match="unknown axes"):
+    mesh_lib.make_mesh({"data": -1, "model": 2})
+
+
+def test_rules_validation_and_specs():
+  m = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  with pytest.raises(ValueError, match="names mesh axis 'nope'"):
+    sharding_lib.rules_for([("embed", "nope")], m)
+  with pytest.raises(ValueError, match="not a preset"):
+    sharding_lib.rules_for("zero3", m)
+  rules = sharding_lib.rules_for("fsdp_tp", m)
+  assert logical.logical_to_spec(("embed", "mlp"), rules, m) == P("fsdp", "tensor")
+  assert logical.logical_to_spec(("batch", "length"), rules, m) == P(("data", "fsdp"), None)
+  dp = sharding_lib.rules_for("dp", m)
+  assert logical.logical_to_spec(("embed", "mlp"), dp, m) == P(None, None)

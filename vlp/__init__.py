@@ -1,0 +1,3 @@
+"""vlp: UNITER-style vision-language pretraining in JAX/Flax NNX."""
+
+__version__ = "0.1.0"

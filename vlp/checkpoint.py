@@ -1,0 +1,76 @@
+"""The one module that talks to orbax.
+
+A checkpoint step holds two items: ``state`` (the train state pytree, sharded
+arrays) and ``meta`` (JSON: the data-iterator position, the config, the task mix
+...). Saves are asynchronous; the save policy is "every N steps, plus whenever
+the caller forces one" (end of training, pre-emption). Restores always go into an
+abstract target whose leaves carry the *current* shardings, which is what lets a
+checkpoint written on one mesh load on another (or on a single CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+
+class Checkpointer:
+  """Periodic, asynchronous checkpoints of (state, meta) under `directory`."""
+
+  def __init__(self, directory: str, *, save_every: int, keep: int = 2,
+               async_save: bool = True):
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+    registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+    registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=checkpoint_managers.FixedIntervalPolicy(max(1, save_every)),
+        preservation_policy=checkpoint_managers.LatestN(max(1, keep)),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True)
+    self.directory = os.path.abspath(directory)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options,
+                                       handler_registry=registry)
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    """Saves if the policy says so (or `force`); returns whether a save started."""
+    return self._mngr.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta)),
+        force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores `step` into `abstract_state` (ShapeDtypeStructs with shardings)."""
+    out = self._mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      meta=ocp.args.JsonRestore()))
+    return out["state"], dict(out["meta"] or {})
+
+  def restore_meta(self, step: int) -> dict:
+    out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"] or {})
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying `shardings`, for restoring onto the current mesh."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

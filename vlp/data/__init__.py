@@ -1,0 +1,10 @@
+"""Data side of vlp: tfds builders, grain pipelines and host-side masking.
+
+Knows no model and no training loop. Entry points:
+
+* :func:`vlp.data.scenes.prepare_scenes` / :func:`vlp.data.scenes.tokenizer_path`
+* :class:`vlp.data.tokenizer.Tokenizer`
+* :func:`vlp.data.pipeline.make_train_iterator`, :func:`vlp.data.pipeline.make_eval_dataset`,
+  :func:`vlp.data.pipeline.load_retrieval_gallery`
+* :mod:`vlp.data.masking` (``make_mlm_batch``, ``make_mrm_batch``, ``make_itm_batch``)
+"""

@@ -1,0 +1,1 @@
+"""Mesh, logical-axis rules, multi-host runtime and global batches."""

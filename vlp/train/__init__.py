@@ -1,0 +1,1 @@
+"""Train state, jitted steps and the one training loop."""

@@ -1,0 +1,72 @@
+"""Periodic pretraining evaluation.
+
+* Held-out MLM accuracy and ITM accuracy: the task losses run deterministically
+  on a fixed set of validation batches (masking seeded independently of training).
+* Zero-shot retrieval: every (image, caption) pair of a test gallery is scored by
+  the ITM "match" logit (the score UNITER's retrieval head starts from), and the
+  score matrix goes to `vlp.evaluators.retrieval.recall_at_k`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+
+from vlp.dist import global_batch
+from vlp.evaluators import retrieval
+
+
+def mean_metrics(eval_fn: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
+                 to_global: Callable) -> dict[str, float]:
+  sums: dict[str, float] = {}
+  weight = 0.0
+  for host_batch in batches:
+    n = float(np.sum(host_batch.get("example_mask", np.ones(len(host_batch["input_ids"])))))
+    metrics = jax.device_get(eval_fn(params, to_global(host_batch)))
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + float(v) * n
+    weight += n
+  return {k: v / max(weight, 1.0) for k, v in sums.items()}
+
+
+def pair_batches(gallery: Mapping[str, np.ndarray], batch_size: int):
+  """Yields (pair batch, number of real pairs) over all image x caption pairs,
+  image-major, padded to full batches with `example_mask` False."""
+  n_img = gallery["img_feat"].shape[0]
+  n_txt = gallery["input_ids"].shape[0]
+  img_idx, txt_idx = np.meshgrid(np.arange(n_img), np.arange(n_txt), indexing="ij")
+  img_idx, txt_idx = img_idx.ravel(), txt_idx.ravel()
+  total = len(img_idx)
+  for start in range(0, total, batch_size):
+    ii = img_idx[start:start + batch_size]
+    tt = txt_idx[start:start + batch_size]
+    real = len(ii)
+    if real < batch_size:  # Pad with pair 0 so every call has the same shape.
+      ii = np.concatenate([ii, np.zeros(batch_size - real, ii.dtype)])
+      tt = np.concatenate([tt, np.zeros(batch_size - real, tt.dtype)])
+    batch = {
+        "input_ids": gallery["input_ids"][tt],
+        "txt_mask": gallery["txt_mask"][tt],
+        "img_feat": gallery["img_feat"][ii],
+        "img_pos": gallery["img_pos"][ii],
+        "img_mask": gallery["img_mask"][ii],
+        "example_mask": np.arange(batch_size) < real,
+    }
+    yield batch, real
+
+
+def zero_shot_retrieval(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarray],
+                        batch_size: int, to_global: Callable) -> dict[str, float]:
+  n_img = gallery["img_feat"].shape[0]
+  n_txt = gallery["input_ids"].shape[0]
+  sl = global_batch.split_for_process(batch_size)
+  scores = []
+  for batch, real in pair_batches(gallery, batch_size):
+    # Every host builds the same pair list; each feeds only its own rows.
+    local = {k: v[sl] for k, v in batch.items()}
+    out = global_batch.to_host(score_fn(params, to_global(local)))
+    scores.append(out[:real])
+  matrix = np.concatenate(scores).reshape(n_img, n_txt)
+  return retrieval.recall_at_k(matrix, gallery["txt2img"])

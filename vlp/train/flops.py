@@ -1,0 +1,54 @@
+"""Analytic model FLOPs and device peaks, for MFU.
+
+Model FLOPs count the matmuls of one forward pass (2 FLOPs per multiply-add)
+and triple them for forward + backward, as MaxText and the PaLM paper do.
+Element-wise work (LayerNorm, softmax, GELU, IPOT iterations) is left out, so
+MFU is a slight under-estimate of hardware utilisation.
+"""
+
+from __future__ import annotations
+
+import jax
+
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
+PEAK_BF16 = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "V100": 125e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, peak in sorted(PEAK_BF16.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def encoder_forward_flops(cfg, text_len: int, regions: int) -> float:
+  h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  length = text_len + regions
+  embed = 2 * regions * (cfg.img_dim * h + cfg.img_pos_dim * h)
+  per_layer = 2 * length * (4 * h * h + 2 * h * i) + 2 * 2 * length * length * h
+  pooler = 2 * h * h
+  return float(embed + n * per_layer + pooler)
+
+
+def head_forward_flops(cfg, task: str, *, mlm_predictions: int, mrm_predictions: int,
+                       text_len: int, regions: int) -> float:
+  h = cfg.hidden_size
+  if task == "mlm":
+    return 2.0 * mlm_predictions * (h * h + h * cfg.vocab_size)
+  if task == "mrfr":
+    return 2.0 * mrm_predictions * (h * h + h * cfg.img_dim)
+  if task in ("mrc", "mrckl"):
+    return 2.0 * mrm_predictions * (h * h + h * cfg.num_region_classes)
+  if task == "itm":
+    return 2.0 * 2 * h + 2.0 * text_len * regions * h  # ITM head + OT cosine cost.
+  raise ValueError(f"unknown task {task!r}")
+
+
+def train_flops_per_example(cfg, task: str, **kw) -> float:
+  fwd = encoder_forward_flops(cfg, kw["text_len"], kw["regions"]) + head_forward_flops(cfg, task, **kw)
+  return 3.0 * fwd

@@ -1,0 +1,172 @@
+"""The training loop shared by every entry point.
+
+Order of business (each step is a small function below):
+  mesh and rules -> data and tokenizer -> model config -> optimizer ->
+  restore-or-init (sharded) -> per-task jitted steps (compiled lazily) ->
+  loop: task from (seed, step), host batch -> global batch -> step ->
+  log / checkpoint / evaluate -> final checkpoint and evaluation.
+A restart with the same workdir resumes from the latest checkpoint: step,
+parameters, optimizer state, RNG and data position.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from vlp import checkpoint as ckpt_lib
+from vlp.dist import global_batch, mesh as mesh_lib, sharding as sharding_lib
+from vlp.dist import logical
+from vlp.models.pretraining import UniterForPretraining
+from vlp.tasks import TASKS, make_loss_fn
+from vlp.train import evaluation, metrics as metrics_lib, optim, pretrain_data, step as step_lib
+from vlp.train.state import abstract_state, create_train_state
+from vlp.train.task_mix import BatchKinds, TaskMix
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. some test runners).
+      pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def task_kwargs(config: ml_collections.ConfigDict, name: str) -> dict:
+  """Hyper-parameters each objective takes from the config."""
+  if name == "itm":
+    return dict(wra_weight=config.wra_weight, ot_beta=config.ot_beta,
+                ot_iterations=config.ot_iterations, ot_k=config.ot_k)
+  return {}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains per `config` in `workdir`; returns the last evaluation."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = sharding_lib.rules_for(config.sharding, mesh)
+  metrics_lib.log(f"process {jax.process_index()}/{jax.process_count()}, "
+                  f"{jax.device_count()} devices, mesh {dict(mesh.shape)}, sharding {config.sharding}")
+
+  data = pretrain_data.PretrainData(config)
+  model_cfg = pretrain_data.model_config_for(config, data.tokenizer)
+  make_model = functools.partial(UniterForPretraining, model_cfg)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+
+  with logical.activate(mesh, rules):
+    graphdef, state, state_sh = create_train_state(
+        make_model, tx, seed=config.seed, mesh=mesh, rules=rules, sharding_name=config.sharding)
+  start_step, data_state = 0, None
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, abstract_state(state_sh, make_model, tx))
+    start_step, data_state = int(state.step), meta.get("data_state")
+    metrics_lib.log(f"resumed from {ckpt.directory} at step {start_step}")
+
+  mix = TaskMix(config.tasks, config.seed)
+  loss_fns = {name: make_loss_fn(name, **task_kwargs(config, name)) for name in mix.names}
+  train_iter = data.train_iterator(
+      kind_for_index=BatchKinds(mix, {n: TASKS[n].batch_kind for n in mix.names}),
+      start_index=start_step)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  to_global = functools.partial(global_batch.host_to_global, mesh=mesh, rules=rules)
+
+  compiled: dict[str, Any] = {}
+
+  def step_for(task: str, host_batch: dict):
+    if task not in compiled:
+      fn = step_lib.make_train_step(graphdef, loss_fns[task], tx, schedule,
+                                    grad_accum=config.grad_accum)
+      compiled[task] = step_lib.jit_train_step(
+          fn, state_sh, sharding_lib.batch_shardings(host_batch, mesh, rules), mesh)
+    return compiled[task]
+
+  def save(step: int, force: bool = False):
+    meta = {"step": step, "data_state": train_iter.get_state(),
+            "config": json.loads(config.to_json_best_effort())}
+    ckpt.save(step, state, meta, force=force)
+
+  evaluate = functools.partial(_evaluate, config=config, workdir=workdir, data=data,
+                               graphdef=graphdef, loss_fns=loss_fns, mesh=mesh, rules=rules,
+                               to_global=to_global)
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
+  preemption = _Preemption()
+  last_eval: dict[str, Any] = {}
+  step = start_step
+  with logical.activate(mesh, rules):
+    while step < config.total_steps:
+      task = mix.task(step)
+      host_batch = next(train_iter)
+      state, metrics = step_for(task, host_batch)(state, to_global(host_batch))
+      step += 1
+      if step % config.log_every == 0 or step == config.total_steps:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics_lib.check_finite(values, step)
+        perf = progress.update(step)
+        record = {"step": step, "task": task, f"loss/{task}": values["loss"], "lr": values["lr"],
+                  "examples_per_sec": perf["examples_per_sec"]}
+        record.update({k: v for k, v in values.items() if k not in ("loss", "lr")})
+        writer.write(record)
+        metrics_lib.log(metrics_lib.Progress.line(step, config.total_steps, task, record, perf))
+      if preemption.requested:
+        save(step, force=True)
+        ckpt.close()
+        metrics_lib.log(f"SIGTERM: checkpoint written at step {step}; exiting")
+        return last_eval
+      if step % config.checkpoint_every == 0 and step != config.total_steps:
+        save(step)
+      if step % config.eval_every == 0 or step == config.total_steps:
+        last_eval = evaluate(state.params, step=step)
+    if ckpt.latest_step() != step:
+      save(step, force=True)
+  ckpt.close()
+  return last_eval
+
+
+def _evaluate(params, *, step, config, workdir, data, graphdef, loss_fns, mesh, rules,
+              to_global) -> dict[str, Any]:
+  t0 = time.perf_counter()
+  out: dict[str, Any] = {"step": step}
+  for task, key in (("mlm", "mlm_acc"), ("itm", "itm_acc")):
+    fn = _cached_jit(graphdef, loss_fns.get(task) or make_loss_fn(task), "eval")
+    m = evaluation.mean_metrics(fn, params, data.eval_batches(TASKS[task].batch_kind), to_global)
+    out[key] = m.get(key)
+    out[f"val_loss/{task}"] = m.get(f"loss/{task}")
+  score = _cached_jit(graphdef, None, "score")
+  out.update(evaluation.zero_shot_retrieval(score, params, data.gallery(), config.eval_batch_size,
+                                            to_global))
+  out["eval_seconds"] = time.perf_counter() - t0
+  metrics_lib.write_json(os.path.join(workdir, "eval.json"), out)
+  metrics_lib.MetricWriter(workdir, "eval_history.jsonl").write(out)
+  metrics_lib.log("eval step {}: ".format(step) + ", ".join(
+      f"{k}={v:.2f}" for k, v in out.items() if isinstance(v, float)))
+  return out
+
+
+_JIT_CACHE: dict = {}
+
+
+def _cached_jit(graphdef, loss_fn, kind: str):
+  key = (id(graphdef), id(loss_fn), kind)
+  if key not in _JIT_CACHE:
+    fn = step_lib.make_eval_step(graphdef, loss_fn) if kind == "eval" else step_lib.make_score_step(graphdef)
+    _JIT_CACHE[key] = jax.jit(fn)
+  return _JIT_CACHE[key]

@@ -1,0 +1,59 @@
+"""Optimizer from config: AdamW, UNITER's warm-up/decay schedule and decay mask.
+
+Spec (../shared/spec/uniter.md §4): AdamW (0.9, 0.98), eps 1e-6, weight decay
+0.01 on every parameter except those whose reference name contains ``bias``,
+``LayerNorm.weight`` or ``LayerNorm.bias``; global-norm clipping; linear warm-up
+to the peak then linear decay to 0 at ``total_steps`` (non-positive -> 1e-8).
+
+Known, documented differences from the reference HF-style AdamW: optax applies
+decay as ``p -= lr * (update + wd * p)`` (the reference decays the already-updated
+parameter, a second-order difference in lr), and folds eps inside the bias
+correction. Gradients are means over the global batch; the reference sums over
+GPUs and accumulation steps before clipping, so its effective clip threshold is
+relative to a larger norm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def warmup_linear_decay(peak: float, warmup: int, total: int) -> optax.Schedule:
+  """lr(t) for update t = step + 1, exactly the reference formula."""
+  warmup = max(int(warmup), 1)
+  total = max(int(total), warmup + 1)
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32) + 1.0
+    up = peak * t / warmup
+    down = peak * jnp.maximum(0.0, (total - t) / (total - warmup))
+    lr = jnp.where(t < warmup, up, down)
+    return jnp.where(lr > 0, lr, 1e-8)
+  return schedule
+
+
+def decay_mask(params: Any) -> Any:
+  """True where weight decay applies, following the reference's name rule.
+
+  Our tree mirrors the torch names, so ``bias`` leaves and the parameters of
+  modules called ``LayerNorm`` are excluded; ``img_layer_norm`` and the heads'
+  LayerNorms (other names in torch) stay decayed, as in the reference.
+  """
+  def rule(path, _):
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    return not (keys[-1] == "bias" or "LayerNorm" in keys[:-1])
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = warmup_linear_decay(opt_cfg.learning_rate, opt_cfg.warmup_steps, total_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(opt_cfg.grad_clip),
+      optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                  weight_decay=opt_cfg.weight_decay, mask=decay_mask),
+  )
+  return tx, schedule

@@ -1,0 +1,44 @@
+"""Which task runs at which step: a pure function of (seed, step).
+
+UNITER draws one task per optimizer update from a pool where each task appears
+`mix_ratio` times. Drawing from a generator seeded by (seed, step) alone means
+every host picks the same task without any communication, and a resumed run
+picks the same tasks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+
+class TaskMix:
+
+  def __init__(self, ratios: Mapping[str, float], seed: int):
+    items = [(k, float(v)) for k, v in dict(ratios).items() if float(v) > 0]
+    if not items:
+      raise ValueError(f"config.tasks has no task with a positive ratio: {dict(ratios)}")
+    self.names = [k for k, _ in items]
+    weights = np.array([w for _, w in items])
+    self.cdf = np.cumsum(weights / weights.sum())
+    self.seed = int(seed)
+
+  def task(self, step: int) -> str:
+    u = np.random.default_rng([self.seed, 0x7A5C, int(step)]).random()
+    return self.names[min(int(np.searchsorted(self.cdf, u, side="right")), len(self.names) - 1)]
+
+
+class BatchKinds:
+  """Batch index -> batch kind ('mlm' | 'mrm' | 'itm') for the input pipeline.
+
+  A picklable callable (grain worker processes receive it), so the pipeline can
+  build each step's task batch without knowing anything about tasks.
+  """
+
+  def __init__(self, mix: TaskMix, kinds: Mapping[str, str]):
+    self.mix = mix
+    self.kinds = dict(kinds)
+
+  def __call__(self, index: int) -> str:
+    return self.kinds[self.mix.task(index)]
