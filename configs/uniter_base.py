@@ -43,6 +43,10 @@ def get_config(arg=None):
   c.num_region_classes = 9 if tiny else 1601  # vlp_scenes: 8 shapes + background.
   c.tokenizer = ""  # Empty: the sentencepiece model stored with the dataset.
   c.data_workers = 0  # grain worker processes per host.
+  # Slices of the global batch with their own shuffle and masking streams (0: one
+  # per process). Fix it (e.g. to the largest host count you will use) to get the
+  # same batches on any number of hosts.
+  c.data_shards = 0
 
   # Model: a named size plus field overrides (vlp.models.uniter_config).
   c.model = ml_collections.ConfigDict()
@@ -52,9 +56,13 @@ def get_config(arg=None):
   c.model.num_layers = ml_collections.FieldReference(None, field_type=int)
   c.model.num_heads = ml_collections.FieldReference(None, field_type=int)
   c.model.intermediate_size = ml_collections.FieldReference(None, field_type=int)
+  c.model.initializer_range = ml_collections.FieldReference(None, field_type=float)
   c.model.hidden_dropout = 0.1
   c.model.attention_dropout = 0.1
   c.model.remat = False
+  # None lets JAX choose; "cudnn" forces the fused GPU kernel (used when attention
+  # dropout is 0), "xla" the portable one.
+  c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)
   c.compute_dtype = "float32"  # `bfloat16` on accelerators.
 
   # Task mix (one task per update, sampled from (seed, step)). The reference
@@ -88,7 +96,11 @@ def get_config(arg=None):
   c.eval_gallery_images = 100
   c.eval_batch_size = 500 if tiny else 256  # Pairs per scoring call.
 
-  # Scale-out: mesh axes (-1 = all remaining devices) and a sharding preset.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Scale-out: mesh axes (-1 = all remaining devices; an optional outer `dcn` axis
+  # spans TPU slices or GPU hosts) and a sharding: a preset (dp | fsdp | fsdp_tp)
+  # or a rule table such as "embed=fsdp,mlp=tensor,batch=data+fsdp" or
+  # "fsdp_tp,vocab=none" (vlp/dist/sharding.py). E.g. on 8 devices:
+  #   --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2 --config.sharding=fsdp_tp
+  c.mesh = ml_collections.ConfigDict(dict(dcn=1, data=-1, fsdp=1, tensor=1))
   c.sharding = "dp"
   return c

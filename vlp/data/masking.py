@@ -166,12 +166,15 @@ def make_mrm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
 
   masked_feat = feat.copy()
   masked_feat[kept] = 0
-  # Row-wise fancy indexing: ~25x faster than take_along_axis over [B, Pr, D].
-  rows, unused = np.arange(b)[:, None], weights == 0
-  mrfr_target = feat[rows, positions].astype(np.float32)
-  mrfr_target[unused] = 0
-  mrc_target = np.asarray(batch['soft_labels'])[rows, positions].astype(np.float32)
-  mrc_target[unused] = 0
+  # Targets of the used slots only (about 40% of them): numpy's float16 -> float32
+  # cast costs ~4 ns per value, the largest cost of an MRM batch otherwise.
+  used = weights > 0
+  used_rows, used_pos = np.broadcast_to(np.arange(b)[:, None], used.shape)[used], positions[used]
+  mrfr_target = np.zeros(positions.shape + feat.shape[2:], np.float32)
+  mrfr_target[used] = feat[used_rows, used_pos]
+  labels = np.asarray(batch['soft_labels'])
+  mrc_target = np.zeros(positions.shape + labels.shape[2:], np.float32)
+  mrc_target[used] = labels[used_rows, used_pos]
   out = dict(batch)
   out['img_feat'] = masked_feat
   out['img_masked'] = kept

@@ -1,9 +1,11 @@
 """Host batches -> global `jax.Array`s, and back.
 
-Each process holds only its share of the global batch (its own rows). The global
-array is assembled with `jax.make_array_from_process_local_data`, which places
-the rows on the process's devices according to the batch sharding, so no host
-ever holds the whole batch.
+Each process holds only its share of the global batch: the rows that its own
+devices hold under the batch sharding (`process_rows`). The global array is
+assembled with `jax.make_array_from_process_local_data`, which places those rows
+on the process's devices, so no host ever holds the whole batch. When the batch
+axis is not split across processes (e.g. tensor parallelism across hosts), several
+processes hold the same rows and must feed identical data.
 """
 
 from __future__ import annotations
@@ -13,15 +15,42 @@ from typing import Mapping
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from vlp.dist import sharding as sharding_lib
 
 
-def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict:
+def process_rows(mesh: Mesh, rules, global_size: int) -> np.ndarray:
+  """Sorted indices of the global batch rows this process must feed.
+
+  Derived from the batch sharding itself rather than from `jax.process_index()`,
+  so it stays right for any device order the mesh picks.
+  """
+  pieces = sharding_lib.batch_shard_count(mesh, rules)
+  if global_size % pieces:
+    raise ValueError(f"global batch {global_size} does not split into the {pieces} pieces "
+                     f"of the batch sharding over mesh {dict(mesh.shape)}")
+  sharding = NamedSharding(mesh, sharding_lib.batch_spec(mesh, rules, 1))
+  rows: set[int] = set()
+  for index in sharding.addressable_devices_indices_map((global_size,)).values():
+    rows.update(range(global_size)[index[0]])
+  return np.array(sorted(rows), dtype=np.int64)
+
+
+def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules,
+                   global_size: int | None = None) -> dict:
+  """This process's rows (in `process_rows` order) -> global arrays.
+
+  `global_size` (the global batch) lets the layout be checked rather than
+  inferred; without it each process is assumed to hold only its own rows.
+  """
   shardings = sharding_lib.batch_shardings(batch, mesh, rules)
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-          for k, v in batch.items()}
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    shape = None if global_size is None else (global_size,) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(shardings[k], v, shape)
+  return out
 
 
 def to_host(x: jax.Array) -> np.ndarray:

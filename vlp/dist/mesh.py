@@ -5,7 +5,7 @@ one axis may be -1 ("all remaining devices"). Axes are built with explicit
 `AxisType.Auto` (the compiler propagates shardings from in/out_shardings and
 logical constraints) over one canonical device order, so data, parameters and
 evaluators all agree on which device holds what. An optional outer ``dcn`` axis
-spans TPU slices (multislice).
+spans TPU slices (multislice) or GPU hosts; it is left out when its size is 1.
 """
 
 from __future__ import annotations
@@ -43,23 +43,38 @@ def resolve_axis_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[st
   elif fixed != num_devices:
     raise ValueError(
         f"config.mesh {sizes} needs {fixed} devices but {num_devices} are available")
-  return {k: sizes.get(k, 1) for k in AXIS_ORDER if k in sizes or k != "dcn"}
+  # `dcn` only exists when it spans something; the other axes always exist.
+  return {k: sizes.get(k, 1) for k in AXIS_ORDER if k != "dcn" or sizes.get(k, 1) > 1}
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh over `devices` (default: all devices of all processes).
+
+  A subset of devices (e.g. ``jax.devices()[:1]`` for a single-device reference
+  run inside an 8-device test process) must be passed explicitly; the sizes in
+  `mesh_cfg` must then multiply to ``len(devices)``.
+  """
   devices = list(devices if devices is not None else jax.devices())
   sizes = resolve_axis_sizes(mesh_cfg, len(devices))
   names = tuple(sizes)
   shape = tuple(sizes[n] for n in names)
   dcn = sizes.get("dcn", 1)
+  grid = None
   if dcn > 1:
-    # Multislice: the dcn axis crosses slices, every other axis stays inside one.
+    # Multislice: the dcn axis crosses slices (TPU) or processes (GPU hosts), every
+    # other axis stays inside one, where the links are fast.
     ici_shape = tuple(1 if n == "dcn" else s for n, s in zip(names, shape))
     dcn_shape = tuple(dcn if n == "dcn" else 1 for n in names)
-    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
-  else:
+    by_process = getattr(devices[0], "slice_index", None) is None
+    try:
+      grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                  process_is_granule=by_process)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = None  # E.g. one process pretending to be several slices in tests.
+  if grid is None:
     try:
       grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):
+      # Shapes the physical topology cannot honour: keep the canonical order.
       grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))

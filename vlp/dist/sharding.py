@@ -6,7 +6,16 @@ Presets map logical names to mesh axes:
     ``fsdp`` axis (ZeRO-3 style); the batch is split over ``data`` and ``fsdp``.
   * ``fsdp_tp``: as ``fsdp`` plus Megatron-style tensor parallelism: ``heads``,
     ``mlp``, ``vocab`` and ``classes`` over the ``tensor`` axis.
-A custom table (a list of ``(logical, mesh_axes)`` pairs) can be given instead.
+
+`config.sharding` names a preset or gives a custom table, either as a string
+(what the command line can carry) or, in a config file, as a list of
+``(logical, mesh_axes)`` pairs or a dict. The string is comma-separated items:
+``logical=axes`` with several mesh axes joined by ``+`` (``none`` or nothing for
+replicated), and optionally one preset name whose rules come after the explicit
+ones (the first rule for a name wins). For example:
+  --config.sharding=fsdp
+  --config.sharding="embed=fsdp,mlp=tensor,heads=tensor,batch=data+fsdp"
+  --config.sharding="fsdp_tp,vocab=none"      # fsdp_tp, but keep vocab unsplit
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlp.dist import logical
+from vlp.dist.mesh import AXIS_ORDER
 
 BATCH_AXES = ("dcn", "data", "fsdp")
 
@@ -31,26 +41,58 @@ PRESETS: dict[str, list[tuple[str, Any]]] = {
     ],
 }
 
-# Which logical names a preset promises to shard; used by `check_sufficiently_sharded`.
-_SHARDS_PARAMS = {"dp": False, "fsdp": True, "fsdp_tp": True}
+# Logical names the model uses (design.md): on parameters, and activation-only.
+PARAM_NAMES = ("vocab", "embed", "heads", "mlp", "region_feat", "classes", "pos", "type",
+               "box")
+ACTIVATION_NAMES = ("batch", "length")
 
 
-def rules_for(sharding: str | Sequence, mesh: Mesh) -> list[tuple[str, Any]]:
+def parse_rules(sharding: str | Sequence | Mapping) -> list[tuple[str, Any]]:
+  """A preset name, a rule string, a list of pairs or a dict -> list of rules."""
+  if isinstance(sharding, Mapping):
+    return [(str(k), v) for k, v in sharding.items()]
+  if not isinstance(sharding, str):
+    return [tuple(r) for r in sharding]
+  explicit, presets = [], []
+  for item in (x.strip() for x in sharding.split(",")):
+    if not item:
+      continue
+    if "=" not in item:
+      if item not in PRESETS:
+        raise ValueError(f"config.sharding: {item!r} is not a preset; choose one of "
+                         f"{sorted(PRESETS)} or give rules like 'embed=fsdp,batch=data+fsdp'")
+      presets.append(item)
+      continue
+    name, axes = (x.strip() for x in item.split("=", 1))
+    axes_t = tuple(a.strip() for a in axes.split("+") if a.strip())
+    if axes_t in ((), ("none",), ("None",)):
+      explicit.append((name, None))
+    else:
+      explicit.append((name, axes_t[0] if len(axes_t) == 1 else axes_t))
+  if len(presets) > 1:
+    raise ValueError(f"config.sharding={sharding!r} names several presets {presets}")
+  if not explicit and not presets:
+    raise ValueError("config.sharding is empty; give a preset name or rules")
+  return explicit + (list(PRESETS[presets[0]]) if presets else [])
+
+
+def rules_for(sharding: str | Sequence | Mapping, mesh: Mesh) -> list[tuple[str, Any]]:
   """Returns the rule table for a preset name or a custom table, validated."""
-  if isinstance(sharding, str):
-    if sharding not in PRESETS:
-      raise ValueError(f"config.sharding={sharding!r} is not a preset; choose one of "
-                       f"{sorted(PRESETS)} or give a list of (logical, mesh_axes) rules")
-    rules = PRESETS[sharding]
-  else:
-    rules = [tuple(r) for r in sharding]
-  for name, axes in rules:
+  rules = parse_rules(sharding)
+  known = PARAM_NAMES + ACTIVATION_NAMES
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f"sharding rule {rule!r} is not a (logical, mesh_axes) pair")
+    name, axes = rule
+    if name not in known:
+      raise ValueError(f"sharding rule ({name!r} -> {axes!r}) names an unknown logical "
+                       f"axis; known: {list(known)}")
     axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
     for a in axes_t:
-      if a not in mesh.axis_names and a not in BATCH_AXES:
+      if a not in mesh.axis_names and a not in AXIS_ORDER:
         raise ValueError(f"sharding rule ({name!r} -> {axes!r}) names mesh axis {a!r}, "
                          f"but the mesh has axes {list(mesh.axis_names)}")
-  return rules
+  return [tuple(r) for r in rules]
 
 
 def param_shardings(abstract_state: Any, mesh: Mesh, rules) -> dict:
@@ -63,7 +105,7 @@ def param_shardings(abstract_state: Any, mesh: Mesh, rules) -> dict:
   for path, var in nnx.to_flat_state(abstract_state):
     names = var.get_metadata().get("out_sharding")
     spec = logical.logical_to_spec(names, rules, mesh) if names else P()
-    spec = _fit_spec(spec, var.value.shape, mesh)
+    spec = _fit_spec(spec, var.get_value().shape, mesh)
     node = out
     for key in path[:-1]:
       node = node.setdefault(key, {})
@@ -88,17 +130,34 @@ def batch_spec(mesh: Mesh, rules, ndim: int) -> P:
   return logical.logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh)
 
 
+def batch_shard_count(mesh: Mesh, rules) -> int:
+  """Into how many pieces the batch axis is split (batch sizes must divide by it)."""
+  spec = batch_spec(mesh, rules, 1)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules) -> dict:
   return {k: NamedSharding(mesh, batch_spec(mesh, rules, np.ndim(v))) for k, v in batch.items()}
 
 
+def promises_param_sharding(rules, mesh: Mesh) -> bool:
+  """Whether the table maps some parameter axis onto a mesh axis of size > 1."""
+  for name, axes in logical.rules_dict(rules).items():
+    if name in PARAM_NAMES and axes is not None:
+      axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+      if any(mesh.shape.get(a, 1) > 1 for a in axes_t):
+        return True
+  return False
+
+
 def check_sufficiently_sharded(abstract_params: Any, shardings: Any, sharding: Any,
-                               mesh: Mesh, min_bytes: int = 4 * 2**20) -> None:
-  """Refuses a preset that promises sharding but leaves a large parameter replicated."""
-  if not isinstance(sharding, str) or not _SHARDS_PARAMS.get(sharding):
-    return
-  if mesh.shape.get("fsdp", 1) * mesh.shape.get("tensor", 1) == 1:
-    return  # Nothing to shard over; the preset degenerates to dp.
+                               mesh: Mesh, rules=None, *, min_bytes: int = 4 * 2**20) -> None:
+  """Refuses a table that promises parameter sharding (e.g. the ``fsdp`` preset on
+  a mesh with ``fsdp > 1``) but leaves a parameter over `min_bytes` replicated."""
+  rules = rules_for(sharding, mesh) if rules is None else rules
+  if not promises_param_sharding(rules, mesh):
+    return  # dp, or nothing to shard over: replication is what was asked for.
   leaves = jax.tree_util.tree_leaves_with_path(abstract_params)
   sh = jax.tree_util.tree_leaves(shardings)
   bad = []
@@ -107,5 +166,5 @@ def check_sufficiently_sharded(abstract_params: Any, shardings: Any, sharding: A
     if nbytes > min_bytes and all(a is None for a in s.spec):
       bad.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} ({nbytes / 2**20:.1f} MiB)")
   if bad:
-    raise ValueError(f"sharding preset {sharding!r} leaves parameters over "
-                     f"{min_bytes / 2**20:.0f} MiB replicated: " + "; ".join(bad))
+    raise ValueError(f"sharding {sharding!r} on mesh {dict(mesh.shape)} leaves parameters "
+                     f"over {min_bytes / 2**20:.0f} MiB replicated: " + "; ".join(bad))

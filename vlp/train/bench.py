@@ -21,8 +21,8 @@ from vlp.models.pretraining import UniterForPretraining
 from vlp.models.uniter_config import model_config
 from vlp.tasks import TASKS, make_loss_fn
 from vlp.train import flops as flops_lib, optim, step as step_lib
-from vlp.train.loop import task_kwargs
 from vlp.train.state import create_train_state
+from vlp.train.task_mix import task_kwargs
 
 
 def synthetic_batch(kind: str, *, batch: int, text_len: int, regions: int, cfg,
@@ -57,16 +57,21 @@ def synthetic_batch(kind: str, *, batch: int, text_len: int, regions: int, cfg,
   return b
 
 
-def run(config, *, tasks: list[str], batch: int, text_len: int, regions: int,
-        steps: int, warmup: int, vocab_size: int | None = None) -> dict[str, Any]:
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = sharding_lib.rules_for(config.sharding, mesh)
+def model_config_for(config, vocab_size: int | None = None):
+  """The model of `config` without its dataset: the size's vocabulary unless given."""
   overrides = {k: v for k, v in config.model.items() if k != "size" and v is not None}
   overrides.update(img_dim=config.feature_dim, num_region_classes=config.num_region_classes,
                    dtype=config.compute_dtype)
   if vocab_size:
     overrides["vocab_size"] = vocab_size
-  cfg = model_config(config.model.size, **overrides)
+  return model_config(config.model.size, **overrides)
+
+
+def run(config, *, tasks: list[str], batch: int, text_len: int, regions: int,
+        steps: int, warmup: int, vocab_size: int | None = None) -> dict[str, Any]:
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = sharding_lib.rules_for(config.sharding, mesh)
+  cfg = model_config_for(config, vocab_size)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   make_model = functools.partial(UniterForPretraining, cfg)
   with logical.activate(mesh, rules):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vlp.dist import global_batch
@@ -20,15 +21,29 @@ from vlp.evaluators import retrieval
 
 def mean_metrics(eval_fn: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
                  to_global: Callable) -> dict[str, float]:
+  """Example-weighted means over the batches of every process.
+
+  Each batch's metrics are already means over the real examples of the *global*
+  batch (losses weight by `example_mask`), so batches are weighted by their
+  global count of real examples, the same number on every host.
+  """
   sums: dict[str, float] = {}
   weight = 0.0
   for host_batch in batches:
-    n = float(np.sum(host_batch.get("example_mask", np.ones(len(host_batch["input_ids"])))))
-    metrics = jax.device_get(eval_fn(params, to_global(host_batch)))
+    if "example_mask" not in host_batch:
+      host_batch = dict(host_batch, example_mask=np.ones(len(host_batch["input_ids"]), bool))
+    batch = to_global(host_batch)
+    metrics, n = jax.device_get((eval_fn(params, batch), _count(batch["example_mask"])))
+    n = float(n)
     for k, v in metrics.items():
       sums[k] = sums.get(k, 0.0) + float(v) * n
     weight += n
   return {k: v / max(weight, 1.0) for k, v in sums.items()}
+
+
+@jax.jit
+def _count(mask: jax.Array) -> jax.Array:
+  return jnp.sum(mask.astype(jnp.float32))
 
 
 def pair_batches(gallery: Mapping[str, np.ndarray], batch_size: int):
@@ -58,14 +73,19 @@ def pair_batches(gallery: Mapping[str, np.ndarray], batch_size: int):
 
 
 def zero_shot_retrieval(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarray],
-                        batch_size: int, to_global: Callable) -> dict[str, float]:
+                        batch_size: int, to_global: Callable,
+                        rows: np.ndarray | None = None) -> dict[str, float]:
+  """Recall@K of the ITM score over every gallery pair.
+
+  Every host builds the same pair list and feeds only `rows` of each pair batch
+  (its `vlp.dist.global_batch.process_rows`; default: its contiguous share).
+  """
   n_img = gallery["img_feat"].shape[0]
   n_txt = gallery["input_ids"].shape[0]
-  sl = global_batch.split_for_process(batch_size)
+  rows = np.arange(batch_size)[global_batch.split_for_process(batch_size)] if rows is None else rows
   scores = []
   for batch, real in pair_batches(gallery, batch_size):
-    # Every host builds the same pair list; each feeds only its own rows.
-    local = {k: v[sl] for k, v in batch.items()}
+    local = {k: v[rows] for k, v in batch.items()}
     out = global_batch.to_host(score_fn(params, to_global(local)))
     scores.append(out[:real])
   matrix = np.concatenate(scores).reshape(n_img, n_txt)

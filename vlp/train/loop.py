@@ -6,78 +6,79 @@ Order of business (each step is a small function below):
   loop: task from (seed, step), host batch -> global batch -> step ->
   log / checkpoint / evaluate -> final checkpoint and evaluation.
 A restart with the same workdir resumes from the latest checkpoint: step,
-parameters, optimizer state, RNG and data position.
+parameters, optimizer state, RNG and data position, on any mesh or number of
+hosts (the restore target carries the current shardings; nothing is
+initialised first).
+
+Multi-host: every process runs this same function. Each feeds only its rows of
+the global batch (`global_batch.process_rows`), all pick the same task from
+(seed, step), only process 0 writes logs and metrics, and SIGTERM on any host
+stops all of them after the same step with a checkpoint (`PreemptionWatch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-import signal
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from vlp import checkpoint as ckpt_lib
 from vlp.dist import global_batch, mesh as mesh_lib, sharding as sharding_lib
-from vlp.dist import logical
+from vlp.dist import logical, preemption as preemption_lib
 from vlp.models.pretraining import UniterForPretraining
 from vlp.tasks import TASKS, make_loss_fn
 from vlp.train import evaluation, metrics as metrics_lib, optim, pretrain_data, step as step_lib
-from vlp.train.state import abstract_state, create_train_state
-from vlp.train.task_mix import BatchKinds, TaskMix
+from vlp.train.state import abstract_state, create_train_state, state_shardings
+from vlp.train.task_mix import BatchKinds, TaskMix, task_kwargs
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. some test runners).
-      pass
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+# SIGTERM -> a checkpoint and a clean exit, at the same step on every host.
+_Preemption = preemption_lib.PreemptionWatch
 
 
-def task_kwargs(config: ml_collections.ConfigDict, name: str) -> dict:
-  """Hyper-parameters each objective takes from the config."""
-  if name == "itm":
-    return dict(wra_weight=config.wra_weight, ot_beta=config.ot_beta,
-                ot_iterations=config.ot_iterations, ot_k=config.ot_k)
-  return {}
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Pretrains per `config` in `workdir`; returns the last evaluation.
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pretrains per `config` in `workdir`; returns the last evaluation."""
+  `devices` (default: all) lets a single-process run use a subset, e.g. a
+  one-device reference inside an 8-device test process.
+  """
   os.makedirs(workdir, exist_ok=True)
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.rules_for(config.sharding, mesh)
   metrics_lib.log(f"process {jax.process_index()}/{jax.process_count()}, "
                   f"{jax.device_count()} devices, mesh {dict(mesh.shape)}, sharding {config.sharding}")
 
-  data = pretrain_data.PretrainData(config)
+  rows = global_batch.process_rows(mesh, rules, config.batch_size)
+  data = pretrain_data.PretrainData(config, rows)
   model_cfg = pretrain_data.model_config_for(config, data.tokenizer)
   make_model = functools.partial(UniterForPretraining, model_cfg)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                save_every=config.checkpoint_every, keep=config.keep_checkpoints)
 
-  with logical.activate(mesh, rules):
-    graphdef, state, state_sh = create_train_state(
-        make_model, tx, seed=config.seed, mesh=mesh, rules=rules, sharding_name=config.sharding)
   start_step, data_state = 0, None
   latest = ckpt.latest_step()
   if latest is not None:
+    # Straight into the current shardings: no throw-away init, whatever mesh wrote it.
+    graphdef, state_sh = state_shardings(make_model, tx, mesh=mesh, rules=rules,
+                                         sharding_name=config.sharding)
     state, meta = ckpt.restore(latest, abstract_state(state_sh, make_model, tx))
     start_step, data_state = int(state.step), meta.get("data_state")
     metrics_lib.log(f"resumed from {ckpt.directory} at step {start_step}")
+  else:
+    with logical.activate(mesh, rules):
+      graphdef, state, state_sh = create_train_state(
+          make_model, tx, seed=config.seed, mesh=mesh, rules=rules,
+          sharding_name=config.sharding)
 
   mix = TaskMix(config.tasks, config.seed)
   loss_fns = {name: make_loss_fn(name, **task_kwargs(config, name)) for name in mix.names}
@@ -86,7 +87,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       start_index=start_step)
   if data_state is not None:
     train_iter.set_state(data_state)
-  to_global = functools.partial(global_batch.host_to_global, mesh=mesh, rules=rules)
+  if jax.process_count() > 1:
+    # Hosts that disagree here would deadlock in the first collective instead.
+    multihost_utils.assert_equal(
+        np.array([start_step, len(rows)] + [mix.names.index(mix.task(start_step + i))
+                                            for i in range(8)]),
+        "processes disagree on the resume step, local batch or task order; do they all "
+        "see the same workdir and config?")
+
+  def to_global(host_batch: dict) -> dict:
+    # Every host feeds the same fraction of each global batch (train, eval, pairs).
+    local = len(next(iter(host_batch.values())))
+    return global_batch.host_to_global(host_batch, mesh, rules,
+                                       global_size=local * config.batch_size // len(rows))
 
   compiled: dict[str, Any] = {}
 
@@ -106,12 +119,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluate = functools.partial(_evaluate, config=config, workdir=workdir, data=data,
                                graphdef=graphdef, loss_fns=loss_fns, mesh=mesh, rules=rules,
                                to_global=to_global)
+  eval_on = config.eval_every > 0  # eval_every <= 0 turns evaluation off.
   writer = metrics_lib.MetricWriter(workdir)
   progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
   preemption = _Preemption()
   last_eval: dict[str, Any] = {}
   step = start_step
-  with logical.activate(mesh, rules):
+  with logical.activate(mesh, rules), contextlib.closing(preemption):
     while step < config.total_steps:
       task = mix.task(step)
       host_batch = next(train_iter)
@@ -126,14 +140,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         record.update({k: v for k, v in values.items() if k not in ("loss", "lr")})
         writer.write(record)
         metrics_lib.log(metrics_lib.Progress.line(step, config.total_steps, task, record, perf))
-      if preemption.requested:
+      if preemption.should_stop(step):
         save(step, force=True)
         ckpt.close()
-        metrics_lib.log(f"SIGTERM: checkpoint written at step {step}; exiting")
+        metrics_lib.log(f"pre-emption (SIGTERM): checkpoint written at step {step}; exiting")
         return last_eval
       if step % config.checkpoint_every == 0 and step != config.total_steps:
         save(step)
-      if step % config.eval_every == 0 or step == config.total_steps:
+      if eval_on and (step % config.eval_every == 0 or step == config.total_steps):
         last_eval = evaluate(state.params, step=step)
     if ckpt.latest_step() != step:
       save(step, force=True)
@@ -151,8 +165,12 @@ def _evaluate(params, *, step, config, workdir, data, graphdef, loss_fns, mesh, 
     out[key] = m.get(key)
     out[f"val_loss/{task}"] = m.get(f"loss/{task}")
   score = _cached_jit(graphdef, None, "score")
-  out.update(evaluation.zero_shot_retrieval(score, params, data.gallery(), config.eval_batch_size,
-                                            to_global))
+  # Pair batches must split evenly over the batch shards (and so the processes).
+  shards = sharding_lib.batch_shard_count(mesh, rules)
+  pairs_per_call = -(-config.eval_batch_size // shards) * shards
+  out.update(evaluation.zero_shot_retrieval(
+      score, params, data.gallery(), pairs_per_call, to_global,
+      rows=global_batch.process_rows(mesh, rules, pairs_per_call)))
   out["eval_seconds"] = time.perf_counter() - t0
   metrics_lib.write_json(os.path.join(workdir, "eval.json"), out)
   metrics_lib.MetricWriter(workdir, "eval_history.jsonl").write(out)

@@ -39,18 +39,30 @@ def split_abstract(make_model: Callable[[nnx.Rngs], nnx.Module]):
   return graphdef, params
 
 
-def create_train_state(make_model, tx: optax.GradientTransformation, *, seed: int,
-                       mesh: Mesh, rules, sharding_name: Any = "dp"):
-  """Returns (graphdef, state, state_shardings), every leaf created sharded."""
+def state_shardings(make_model, tx: optax.GradientTransformation, *, mesh: Mesh, rules,
+                    sharding_name: Any = "dp"):
+  """(graphdef, TrainState of NamedShardings), from abstract shapes only.
+
+  Optimizer leaves that mirror a parameter (Adam's mu, nu) take its sharding;
+  the others (optax's step `count`) are replicated over the whole mesh rather
+  than left on one device, so the state can be fed back as `in_shardings`.
+  """
   graphdef, abstract_params = split_abstract(make_model)
   p_sh = sharding_lib.param_shardings(abstract_params, mesh, rules)
   abstract_pure = abstract_params.to_pure_dict()
-  sharding_lib.check_sufficiently_sharded(abstract_pure, p_sh, sharding_name, mesh)
+  sharding_lib.check_sufficiently_sharded(abstract_pure, p_sh, sharding_name, mesh, rules)
   replicated = NamedSharding(mesh, P())
   opt_sh = optax.tree_map_params(
       tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_pure), p_sh,
       transform_non_params=lambda _: replicated)
-  state_sh = TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated)
+  return graphdef, TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated)
+
+
+def create_train_state(make_model, tx: optax.GradientTransformation, *, seed: int,
+                       mesh: Mesh, rules, sharding_name: Any = "dp"):
+  """Returns (graphdef, state, state_shardings), every leaf created sharded."""
+  graphdef, state_sh = state_shardings(make_model, tx, mesh=mesh, rules=rules,
+                                       sharding_name=sharding_name)
 
   def init(key):
     params_key, train_key = jax.random.split(key)
@@ -63,7 +75,7 @@ def create_train_state(make_model, tx: optax.GradientTransformation, *, seed: in
   return graphdef, state, state_sh
 
 
-def abstract_state(state_shardings: TrainState, make_model, tx) -> TrainState:
+def abstract_state(shardings: TrainState, make_model, tx) -> TrainState:
   """ShapeDtypeStructs with the current shardings: the restore target."""
   _, abstract_params = split_abstract(make_model)
   pure = abstract_params.to_pure_dict()
@@ -71,4 +83,4 @@ def abstract_state(state_shardings: TrainState, make_model, tx) -> TrainState:
                       opt_state=jax.eval_shape(tx.init, pure),
                       rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, state_shardings)
+                      shapes, shardings)

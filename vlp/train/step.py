@@ -57,7 +57,7 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
       loss, metrics = losses.mean(), jax.tree.map(jnp.mean, ms)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=schedule(state.step))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

@@ -42,3 +42,11 @@ class BatchKinds:
 
   def __call__(self, index: int) -> str:
     return self.kinds[self.mix.task(index)]
+
+
+def task_kwargs(config, name: str) -> dict:
+  """Hyper-parameters each objective takes from the config."""
+  if name == "itm":
+    return dict(wra_weight=config.wra_weight, ot_beta=config.ot_beta,
+                ot_iterations=config.ot_iterations, ot_k=config.ot_k)
+  return {}

@@ -1,0 +1,1 @@
+"""Tools: the AOT compile check and (later) importers."""

@@ -1,0 +1,183 @@
+r"""Ahead-of-time check: compile the train step for a target topology, no hardware.
+
+  # 8 CPU devices standing in for 8 accelerators (works anywhere):
+  python -m vlp.tools.aot --config=configs/uniter_base.py --topology=cpu:8 \
+      --config.sharding=fsdp --config.mesh.fsdp=8 --config.mesh.data=1
+  # A TPU pod slice, compile-only (needs libtpu: pip install "jax[tpu]"):
+  python -m vlp.tools.aot --config=configs/uniter_base.py --topology=v5e:16x16 \
+      --config.sharding=fsdp --config.mesh.fsdp=16 --config.compute_dtype=bfloat16
+
+The mesh, sharding, batch and model come from the config exactly as in
+`vlp.pretrain`; the train step is the one the loop runs (`vlp.train.step`),
+lowered on abstract shapes (nothing is allocated) and compiled by XLA for the
+target devices. Prints, per device: parameter and optimizer-state bytes (exact,
+from the shardings), then per task the compiled step's memory analysis
+(arguments, outputs, temporaries, i.e. activations and workspace) and FLOPs,
+and finally one JSON line with everything.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from typing import Any, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vlp import config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "cpu:8", "cpu:N (N host devices) or a TPU topology such as v5e:4x4, "
+    "v5p:2x2x2, v4:2x2x2 (compile-only, needs libtpu).")
+_TASKS = flags.DEFINE_list("tasks", None, "Tasks to compile (default: config.tasks).")
+_BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0: config.batch_size).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0: the size's default).")
+_COMPILE = flags.DEFINE_bool("compile", True, "Compile the steps (else: shardings and "
+                             "parameter / optimizer bytes only, in seconds).")
+
+_CPU = re.compile(r"^cpu(?::(\d+))?$")
+
+
+def topology_devices(topology: str) -> list:
+  """The devices to compile for: host CPU devices, or compile-only TPU devices."""
+  import jax
+  m = _CPU.match(topology)
+  if m:
+    cpus = jax.devices("cpu")
+    n = int(m.group(1) or len(cpus))
+    if len(cpus) < n:
+      raise ValueError(
+          f"--topology={topology} needs {n} CPU devices but this process has {len(cpus)}; "
+          f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting it")
+    return cpus[:n]
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+  except Exception as e:  # libtpu missing, or a name it does not know.
+    raise ValueError(
+        f"--topology={topology!r}: could not describe this TPU topology ({e}). Use cpu:N, "
+        f"or install libtpu (pip install 'jax[tpu]=={jax.__version__}'; no TPU needed) and "
+        f"a name like v5e:4x4, v5p:2x2x2, v4:2x2x2") from e
+
+
+def per_device_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (even shardings)."""
+  import jax
+  import numpy as np
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def report(config, devices: Sequence, *, tasks: Sequence[str] | None = None,
+           batch: int | None = None, vocab_size: int | None = None,
+           compile_steps: bool = True) -> dict[str, Any]:
+  """Compiles each task's train step for `devices`; returns sizes and FLOPs."""
+  import jax
+  from vlp.dist import logical, mesh as mesh_lib, sharding as sharding_lib
+  from vlp.models.pretraining import UniterForPretraining
+  from vlp.tasks import TASKS, make_loss_fn
+  from vlp.train import bench, flops as flops_lib, optim, step as step_lib
+  from vlp.train.state import abstract_state, state_shardings
+  from vlp.train.task_mix import task_kwargs
+
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  rules = sharding_lib.rules_for(config.sharding, mesh)
+  cfg = bench.model_config_for(config, vocab_size)
+  make_model = functools.partial(UniterForPretraining, cfg)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  graphdef, state_sh = state_shardings(make_model, tx, mesh=mesh, rules=rules,
+                                       sharding_name=config.sharding)
+  state = abstract_state(state_sh, make_model, tx)
+  batch = batch or config.batch_size
+  shape_kw = dict(text_len=config.max_text_len, regions=config.max_regions,
+                  mlm_predictions=config.max_mlm_predictions,
+                  mrm_predictions=config.max_mrm_predictions)
+  mib = lambda b: round(b / 2**20, 2)
+  out: dict[str, Any] = {
+      "topology": _topology_name(devices), "num_devices": len(devices),
+      "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+      "sharding": config.sharding, "model": config.model.size, "batch": batch,
+      "dtype": config.compute_dtype,
+      "params": sum(x.size for x in jax.tree.leaves(state.params)),
+      "params_mib_per_device": mib(per_device_bytes(state.params)),
+      "opt_state_mib_per_device": mib(per_device_bytes(state.opt_state)),
+      "tasks": {}}
+  out["params_opt_mib_per_device"] = round(
+      out["params_mib_per_device"] + out["opt_state_mib_per_device"], 2)
+  for task in (tasks or [k for k, v in config.tasks.items() if v > 0]) if compile_steps else ():
+    one = bench.synthetic_batch(TASKS[task].batch_kind, batch=1, cfg=cfg, **shape_kw)
+    host = {k: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype) for k, v in one.items()}
+    fn = step_lib.make_train_step(graphdef, make_loss_fn(task, **task_kwargs(config, task)),
+                                  tx, schedule, grad_accum=config.grad_accum)
+    jitted = step_lib.jit_train_step(fn, state_sh,
+                                     sharding_lib.batch_shardings(host, mesh, rules), mesh)
+    with logical.activate(mesh, rules):
+      compiled = jitted.lower(state, host).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    sizes = {f: int(getattr(mem, f"{f}_size_in_bytes", 0) or 0) for f in
+             ("argument", "output", "alias", "temp", "generated_code")}
+    model_flops = flops_lib.train_flops_per_example(cfg, task, **shape_kw) * batch
+    out["tasks"][task] = {
+        **{f"{f}_mib_per_device": mib(b) for f, b in sizes.items()},
+        # Live at once: inputs, outputs not aliased onto donated inputs, temporaries.
+        "total_mib_per_device": mib(sizes["argument"] + sizes["output"] - sizes["alias"]
+                                    + sizes["temp"]),
+        "xla_gflops_per_device": round(float(cost.get("flops", 0.0)) / 1e9, 3),
+        "model_gflops_per_device": round(model_flops / len(devices) / 1e9, 3),
+    }
+  return out
+
+
+def _topology_name(devices) -> str:
+  d = devices[0]
+  return f"{d.platform}:{len(devices)}" if d.platform == "cpu" else _TOPOLOGY.value
+
+
+def format_report(r: dict) -> str:
+  lines = [
+      f"{r['topology']}: {r['num_devices']} x {r['device_kind']}, mesh {r['mesh']}, "
+      f"sharding {r['sharding']!r}, model {r['model']} ({r['params'] / 1e6:.1f}M params), "
+      f"batch {r['batch']}, {r['dtype']}",
+      f"per device: parameters {r['params_mib_per_device']:.1f} MiB, optimizer state "
+      f"{r['opt_state_mib_per_device']:.1f} MiB, together {r['params_opt_mib_per_device']:.1f} MiB",
+      f"{'task':<7}{'args':>10}{'outputs':>10}{'aliased':>10}{'temps':>10}{'total':>10}"
+      f"{'GFLOP (XLA)':>13}{'GFLOP (model)':>15}   (MiB and GFLOP per device and step)",
+  ]
+  for task, t in r["tasks"].items():
+    lines.append(
+        f"{task:<7}{t['argument_mib_per_device']:>10.1f}{t['output_mib_per_device']:>10.1f}"
+        f"{t['alias_mib_per_device']:>10.1f}{t['temp_mib_per_device']:>10.1f}"
+        f"{t['total_mib_per_device']:>10.1f}{t['xla_gflops_per_device']:>13.1f}"
+        f"{t['model_gflops_per_device']:>15.1f}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  m = _CPU.match(_TOPOLOGY.value)
+  if m and m.group(1):
+    import jax
+    # Before the backend starts (this setting overrides XLA_FLAGS' device count).
+    jax.config.update("jax_num_cpu_devices", int(m.group(1)))
+  devices = topology_devices(_TOPOLOGY.value)
+  r = report(_CONFIG.value, devices, tasks=_TASKS.value, batch=_BATCH.value or None,
+             vocab_size=_VOCAB.value or None, compile_steps=_COMPILE.value)
+  print(format_report(r))
+  print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+  config_lib.check_overrides(sys.argv)
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
