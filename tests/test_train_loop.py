@@ -24,6 +24,7 @@ from vlp.train.pretrain_data import PretrainData, model_config_for
 from vlp.train.state import create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE = jax.devices()[:1]  # The sharded variants are covered by test_distributed.py.
 
 
 def tiny_config(data_dir, **overrides):
@@ -36,7 +37,7 @@ def tiny_config(data_dir, **overrides):
   c.model.num_layers = 1
   c.model.num_heads = 2
   c.model.intermediate_size = 64
-  c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+  c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
   c.eval_batches = 1
   c.eval_gallery_images = 4
   c.eval_batch_size = 20
@@ -95,7 +96,7 @@ def test_resume_after_interruption_matches_uninterrupted(data_dir, tmp_path, mon
   overrides = {"total_steps": 8, "log_every": 1, "checkpoint_every": 3, "eval_every": 100,
                "tasks": {"mlm": 1, "mrfr": 1, "itm": 1}}
   ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-  loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(ref_dir))
+  loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(ref_dir), devices=ONE)
   ref = _losses(ref_dir)
   assert sorted(ref) == list(range(1, 9))  # One line per step with log_every=1.
 
@@ -107,11 +108,11 @@ def test_resume_after_interruption_matches_uninterrupted(data_dir, tmp_path, mon
       return step >= 5
 
   monkeypatch.setattr(loop, "_Preemption", StopAt5)
-  loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(run_dir))
+  loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(run_dir), devices=ONE)
   monkeypatch.setattr(loop, "_Preemption", real)
   assert 5 in [int(s) for s in os.listdir(run_dir / "checkpoints") if s.isdigit()]
   assert max(_losses(run_dir)) == 5
-  result = loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(run_dir))
+  result = loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(run_dir), devices=ONE)
   got = _losses(run_dir)
   assert sorted(got) == list(range(1, 9))
   for s in range(1, 9):

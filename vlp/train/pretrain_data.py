@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
+import vlp.data.builders  # noqa: F401  (registers the real-dataset builders)
 from vlp.data import pipeline, scenes
 from vlp.data.batching import BatchSpec
 from vlp.data.tokenizer import Tokenizer

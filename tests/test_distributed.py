@@ -1,0 +1,280 @@
+"""Sharded training on 8 forced CPU devices: meshes, rule tables, sharded state,
+parity of every preset with one device, and checkpoints across meshes.
+
+* mesh and rule-table errors name the sizes / axes at fault;
+* a table that promises parameter sharding but leaves a large one replicated is
+  refused;
+* train state is created sharded (optax counts replicated over the whole mesh),
+  the jitted step keeps those shardings in and out and donates the state;
+* the first five losses under dp, fsdp and fsdp_tp match the one-device run;
+* a checkpoint written on a (4, 2) mesh resumes on (2, 2) and on one device with
+  the losses of the uninterrupted run, without initialising a throw-away state.
+"""
+
+import functools
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from test_train_loop import tiny_config
+from vlp.dist import global_batch, logical, mesh as mesh_lib, runtime, sharding as sharding_lib
+from vlp.models.pretraining import UniterForPretraining
+from vlp.models.uniter_config import model_config
+from vlp.tasks import make_loss_fn
+from vlp.train import loop, optim, pretrain_data, step as step_lib
+from vlp.train.state import create_train_state, state_shardings
+
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("scenes")
+
+
+def _mesh(data=1, fsdp=1, tensor=1):
+  n = data * fsdp * tensor
+  return mesh_lib.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor}, jax.devices()[:n])
+
+
+def _spec(tree, *keys):
+  for k in keys:
+    tree = tree[k]
+  return tree.spec
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_mesh_errors_name_sizes_and_subsets_work():
+  with pytest.raises(ValueError, match=r"does not divide the 8 devices.*multiply to 3"):
+    mesh_lib.make_mesh({"data": -1, "fsdp": 3, "tensor": 1})
+  with pytest.raises(ValueError, match=r"needs 16 devices but 8 are available"):
+    mesh_lib.make_mesh({"data": 4, "fsdp": 2, "tensor": 2})
+  with pytest.raises(ValueError, match=r"needs 8 devices but 4 are available"):
+    mesh_lib.make_mesh({"data": 4, "fsdp": 2}, jax.devices()[:4])
+  m = mesh_lib.make_mesh({"dcn": 1, "data": -1, "fsdp": 2, "tensor": 1}, jax.devices()[:4])
+  assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 1}  # A size-1 dcn is left out.
+  assert all(t == jax.sharding.AxisType.Auto for t in m.axis_types)
+  m = mesh_lib.make_mesh({"dcn": 2, "data": -1, "fsdp": 2, "tensor": 1})
+  assert dict(m.shape) == {"dcn": 2, "data": 2, "fsdp": 2, "tensor": 1}
+  assert list(m.devices.ravel()) == jax.devices()  # One canonical order.
+
+
+def test_rule_tables_from_strings_and_their_errors():
+  m = _mesh(2, 2, 2)
+  rules = sharding_lib.rules_for("embed=fsdp,mlp=tensor,batch=data+fsdp", m)
+  assert rules == [("embed", "fsdp"), ("mlp", "tensor"), ("batch", ("data", "fsdp"))]
+  assert logical.logical_to_spec(("batch", "length", "mlp"), rules, m) == P(("data", "fsdp"),
+                                                                           None, "tensor")
+  # A preset plus overrides: explicit rules come first, so they win.
+  rules = sharding_lib.rules_for("fsdp_tp, vocab=none", m)
+  assert logical.rules_dict(rules)["vocab"] is None
+  assert logical.rules_dict(rules)["mlp"] == "tensor"
+  assert sharding_lib.rules_for([["embed", "fsdp"]], m) == [("embed", "fsdp")]
+  assert sharding_lib.rules_for({"embed": "fsdp"}, m) == [("embed", "fsdp")]
+  with pytest.raises(ValueError, match=r"names mesh axis 'model', but the mesh has axes "
+                                       r"\['data', 'fsdp', 'tensor'\]"):
+    sharding_lib.rules_for("embed=model", m)
+  with pytest.raises(ValueError, match=r"unknown logical axis"):
+    sharding_lib.rules_for("emb=fsdp", m)
+  with pytest.raises(ValueError, match=r"'zero3' is not a preset"):
+    sharding_lib.rules_for("zero3", m)
+  with pytest.raises(ValueError, match=r"several presets"):
+    sharding_lib.rules_for("dp,fsdp", m)
+
+
+def _base_shardings(sharding, mesh):
+  cfg = model_config("base")
+  tx, _ = optim.make_optimizer(tiny_config("/unused").optimizer, 10)
+  rules = sharding_lib.rules_for(sharding, mesh)
+  return state_shardings(functools.partial(UniterForPretraining, cfg), tx, mesh=mesh,
+                         rules=rules, sharding_name=sharding)
+
+
+def test_refuses_tables_that_leave_large_parameters_replicated(monkeypatch):
+  _, sh = _base_shardings("fsdp", _mesh(1, 8))  # The real presets pass.
+  assert _spec(sh.params, "uniter", "embeddings", "word_embeddings", "embedding") == P(None,
+                                                                                       "fsdp")
+  _base_shardings("fsdp_tp", _mesh(2, 2, 2))
+  _base_shardings("dp", _mesh(8))  # dp promises no parameter sharding.
+  with pytest.raises(ValueError, match=r"leaves parameters over 4 MiB replicated: "
+                                       r".*word_embeddings.*\(28996, 768\)"):
+    _base_shardings("batch=data+fsdp,mlp=fsdp", _mesh(1, 8))
+  monkeypatch.setitem(sharding_lib.PRESETS, "fsdp", [("batch", ("data", "fsdp")),
+                                                     ("heads", "fsdp")])
+  with pytest.raises(ValueError, match=r"sharding 'fsdp' .* replicated"):
+    _base_shardings("fsdp", _mesh(1, 8))
+
+
+def test_unreachable_coordinator_fails_within_timeout():
+  with pytest.raises(ConnectionError, match=r"process 1 of 2 could not reach the JAX "
+                                            r"coordinator at 127.0.0.1:1 within 1 s"):
+    runtime.wait_for_coordinator("127.0.0.1:1", 1, process_id=1, num_processes=2)
+  with pytest.raises(ValueError, match="needs --num_processes and --process_id"):
+    runtime.initialize(coordinator_address="127.0.0.1:1", num_processes=2, timeout=1)
+
+
+def test_when_the_runtime_initialises():
+  assert not runtime.wants_initialize("auto", None, env={})
+  assert runtime.wants_initialize("auto", 2, env={})
+  slurm = {"SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCID": "3", "SLURM_NTASKS": "16"}
+  assert runtime.wants_initialize("auto", None, env=slurm)
+  assert not runtime.wants_initialize("auto", None, env=dict(slurm, SLURM_NTASKS="1"))
+  assert not runtime.wants_initialize("auto", None, env={"SLURM_NTASKS": "4"})  # Not in srun.
+  assert runtime.wants_initialize("auto", None, env={"TPU_WORKER_HOSTNAMES": "a,b"})
+  assert runtime.wants_initialize("on", None, env={})
+  assert not runtime.wants_initialize("off", 4, env={})
+
+
+def test_process_rows_and_data_shards():
+  m = _mesh(2, 2, 2)
+  rules = sharding_lib.rules_for("fsdp_tp", m)
+  np.testing.assert_array_equal(global_batch.process_rows(m, rules, 8), np.arange(8))
+  assert pretrain_data.shards_for_rows(np.arange(8), 8, 2) == [0, 1]
+  assert pretrain_data.shards_for_rows(np.arange(4, 8), 8, 2) == [1]
+  with pytest.raises(ValueError, match="do not line up with 4 data shards"):
+    pretrain_data.shards_for_rows(np.arange(3, 6), 8, 4)
+  with pytest.raises(ValueError, match="not divisible by the 3 data shards"):
+    pretrain_data.shards_for_rows(np.arange(8), 8, 3)
+
+
+# ------------------------------------------------------------- sharded state, preset parity
+
+
+@pytest.fixture(scope="module")
+def run_setup(data_dir):
+  cfg = tiny_config(data_dir, tasks={"mlm": 1})  # Dropout stays on: RNG must not depend on sharding.
+  data = pretrain_data.PretrainData(cfg)
+  make_model = functools.partial(UniterForPretraining,
+                                 pretrain_data.model_config_for(cfg, data.tokenizer))
+  tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.total_steps)
+  it = data.train_iterator(lambda i: "mlm")
+  batches = [next(it) for _ in range(5)]
+  it.close()
+  step_fn = functools.partial(step_lib.make_train_step, loss_fn=make_loss_fn("mlm"), tx=tx,
+                              schedule=schedule)
+  return dict(cfg=cfg, make_model=make_model, tx=tx, batches=batches, step_fn=step_fn)
+
+
+def _train(setup, mesh, preset, state=None):
+  """Five steps; `state` None: created sharded on `mesh`, else host values put there."""
+  rules = sharding_lib.rules_for(preset, mesh)
+  with logical.activate(mesh, rules):
+    init = None
+    if state is None:
+      graphdef, state, state_sh = create_train_state(
+          setup["make_model"], setup["tx"], seed=0, mesh=mesh, rules=rules, sharding_name=preset)
+      init = jax.device_get(state)
+    else:
+      graphdef, state_sh = state_shardings(setup["make_model"], setup["tx"], mesh=mesh,
+                                           rules=rules, sharding_name=preset)
+      state = jax.device_put(state, state_sh)
+    batch_sh = sharding_lib.batch_shardings(setup["batches"][0], mesh, rules)
+    jitted = step_lib.jit_train_step(setup["step_fn"](graphdef), state_sh, batch_sh, mesh)
+    to_global = functools.partial(global_batch.host_to_global, mesh=mesh, rules=rules)
+    compiled = jitted.lower(state, to_global(setup["batches"][0])).compile()
+    losses, first = [], state
+    for i, b in enumerate(setup["batches"]):
+      state, metrics = compiled(state, to_global(b))
+      losses.append(float(metrics["loss"]))
+      if i == 0:
+        assert all(x.is_deleted() for x in jax.tree.leaves(first))  # Donated.
+  return dict(losses=losses, state=state, state_sh=state_sh, compiled=compiled, init=init)
+
+
+@pytest.fixture(scope="module")
+def one_device(run_setup):
+  m = _mesh(1)
+  with logical.activate(m, sharding_lib.rules_for("dp", m)):
+    _, state, _ = create_train_state(run_setup["make_model"], run_setup["tx"], seed=0, mesh=m,
+                                     rules=sharding_lib.rules_for("dp", m))
+  init = jax.device_get(state)
+  return dict(_train(run_setup, m, "dp", init), init=init)  # Same values as `state`.
+
+
+def test_sharded_state_and_step_shardings(run_setup, one_device):
+  """fsdp_tp on data=2, fsdp=2, tensor=2: the state is born sharded, equal to the
+  one-device init, keeps its shardings through the step, and trains the same."""
+  mesh = _mesh(2, 2, 2)
+  r = _train(run_setup, mesh, "fsdp_tp")
+  sh = r["state_sh"]
+  enc = ("uniter", "encoder", 0)
+  assert _spec(sh.params, *enc, "intermediate", "dense", "kernel") == P("fsdp", "tensor")
+  assert _spec(sh.params, *enc, "output", "dense", "kernel") == P("tensor", "fsdp")
+  assert _spec(sh.params, *enc, "attention", "self", "query", "kernel") == P("fsdp", "tensor")
+  # vocab (365) does not divide over tensor=2: only embed is split.
+  assert _spec(sh.params, "uniter", "embeddings", "word_embeddings", "embedding") == P(None,
+                                                                                       "fsdp")
+  # Adam's moments mirror the parameters; every other optax leaf (the counts) is
+  # replicated over the whole mesh, not committed to one device.
+  adam = r["state_sh"].opt_state[1][0]
+  assert jax.tree.leaves(adam.mu) == jax.tree.leaves(sh.params)
+  assert jax.tree.leaves(adam.nu) == jax.tree.leaves(sh.params)
+  counts = [adam.count, r["state_sh"].opt_state[1][2].count]
+  assert all(c == NamedSharding(mesh, P()) for c in counts)
+  for leaf in jax.tree.leaves(sh):
+    assert isinstance(leaf, NamedSharding) and leaf.mesh.shape == mesh.shape
+
+  # The compiled step takes and returns exactly these shardings.
+  in_state_sh = r["compiled"].input_shardings[0][0]
+  out_state_sh = r["compiled"].output_shardings[0]
+  for want, got_in, got_out, arr in zip(jax.tree.leaves(sh), jax.tree.leaves(in_state_sh),
+                                        jax.tree.leaves(out_state_sh),
+                                        jax.tree.leaves(r["state"])):
+    assert got_in.is_equivalent_to(want, arr.ndim), (got_in, want)
+    assert got_out.is_equivalent_to(want, arr.ndim), (got_out, want)
+    assert arr.sharding.is_equivalent_to(want, arr.ndim)
+
+  # Born sharded, yet the same numbers as on one device (partitionable threefry).
+  for a, b in zip(jax.tree.leaves(r["init"]), jax.tree.leaves(one_device["init"])):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(r["losses"], one_device["losses"], rtol=RTOL)
+
+
+@pytest.mark.parametrize("preset,shape", [("dp", (8, 1, 1)), ("fsdp", (2, 4, 1))])
+def test_presets_match_one_device(run_setup, one_device, preset, shape):
+  r = _train(run_setup, _mesh(*shape), preset, one_device["init"])
+  np.testing.assert_allclose(r["losses"], one_device["losses"], rtol=RTOL)
+  assert r["losses"][0] != r["losses"][-1]  # It trains.
+
+
+# --------------------------------------------------------------- checkpoints across meshes
+
+
+def _losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      out[r["step"]] = r[f"loss/{r['task']}"]
+  return out
+
+
+def test_checkpoint_restores_on_other_meshes(data_dir, tmp_path, monkeypatch):
+  overrides = dict(total_steps=6, log_every=1, checkpoint_every=3, eval_every=0,
+                   tasks={"mlm": 1}, sharding="fsdp")
+  ref_dir = tmp_path / "ref"
+  loop.train_and_evaluate(tiny_config(data_dir, mesh={"data": 4, "fsdp": 2, "tensor": 1},
+                                      **overrides), str(ref_dir))
+  ref = _losses(ref_dir)
+  assert sorted(ref) == [1, 2, 3, 4, 5, 6]
+
+  def no_init(*a, **k):
+    raise AssertionError("a resumed run must restore straight into the target shardings")
+  monkeypatch.setattr(loop, "create_train_state", no_init)
+  for mesh, n in (({"data": 2, "fsdp": 2, "tensor": 1}, 4), ({"data": 1, "fsdp": 1, "tensor": 1}, 1)):
+    workdir = tmp_path / f"resume{n}"
+    shutil.copytree(ref_dir / "checkpoints" / "3", workdir / "checkpoints" / "3")
+    loop.train_and_evaluate(tiny_config(data_dir, mesh=mesh, **overrides), str(workdir),
+                            devices=jax.devices()[:n])
+    got = _losses(workdir)
+    assert sorted(got) == [4, 5, 6], n
+    np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [ref[s] for s in (4, 5, 6)],
+                               rtol=RTOL, err_msg=f"{n} devices")
