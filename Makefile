@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: requirements.txt setup.cfg
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
