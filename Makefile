@@ -5,7 +5,7 @@ WORKDIR ?= workdir/demo
 DATA_DIR ?= $(WORKDIR)/data
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo demo-finetune test install clean
 
 $(VENV)/.installed: requirements.txt setup.cfg
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,17 @@ $(VENV)/.installed: requirements.txt setup.cfg
 
 install: $(VENV)/.installed
 
+FT = --config.data_dir=$(DATA_DIR) --config.init_from=$(WORKDIR)
+
 demo: $(VENV)/.installed
 	$(PY) -m vlp.pretrain --config=configs/uniter_base.py:tiny --workdir=$(WORKDIR) --config.data_dir=$(DATA_DIR)
+
+# After `make demo`: fine-tune the demo checkpoint for each task, print one table.
+demo-finetune: demo
+	$(PY) -m vlp.finetune --config=configs/finetune_retrieval.py:size=tiny,data=vlp_scenes --workdir=$(WORKDIR)/ft_retrieval $(FT)
+	$(PY) -m vlp.finetune --config=configs/finetune_vqa.py:size=tiny,data=vlp_scenes --workdir=$(WORKDIR)/ft_vqa $(FT)
+	$(PY) -m vlp.finetune --config=configs/finetune_refcoco.py:size=tiny,data=vlp_scenes --workdir=$(WORKDIR)/ft_grounding $(FT)
+	$(PY) -m vlp.tools.demo_table $(WORKDIR)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -74,3 +74,47 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying `shardings`, for restoring onto the current mesh."""
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_params(directory: str, step: int | None = None, *,
+                   sharding: jax.sharding.Sharding | None = None) -> tuple[Any, dict, int]:
+  """Restores only the parameters of a step of a `Checkpointer` directory.
+
+  The step's ``state`` item is either a train state (only its ``params`` field is
+  read; the optimizer state is never loaded) or a parameter tree on its own (the
+  params-only checkpoints of `vlp.pretrained`). The restore target is built from
+  the stored shapes and dtypes with `sharding` (default: the first local device),
+  so no model is needed to read a checkpoint.
+
+  Returns:
+    (params as a nested dict, list indices as ints; the step's meta; the step).
+  """
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
+  registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), handler_registry=registry,
+                               options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+      raise FileNotFoundError(f"no checkpoint step {'' if step is None else step} in "
+                              f"{directory} (steps: {list(mngr.all_steps())})")
+    tree = mngr.item_metadata(step)["state"].tree
+    train_state = "params" in tree and "opt_state" in tree
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(node):
+      if isinstance(node, dict):
+        return {(int(k) if k.isdigit() else k): target(v) for k, v in node.items()}
+      return jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=sharding)
+
+    item = {"params": target(tree["params"])} if train_state else target(tree)
+    args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
+        sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), item)
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item, restore_args=args, partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+  finally:
+    mngr.close()
+  state = out["state"]
+  return (state["params"] if train_state else state), dict(out["meta"] or {}), step

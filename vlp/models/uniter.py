@@ -54,9 +54,27 @@ region_classifier.net.0                             region_classifier/net/0     
 region_classifier.net.2                             region_classifier/net/2                       N
 region_classifier.net.3                             region_classifier/net/3                       L
 itm_output                                          itm_output                                    L
+rank_output                                         rank_output                                   L
+vqa_output.0                                        vqa_output/0                                  L
+vqa_output.2                                        vqa_output/2                                  N
+vqa_output.3                                        vqa_output/3                                  L
+re_output                                           re_output                                     L
+re_output.0                                         re_output/0                                   L
+re_output.2                                         re_output/2                                   N
+re_output.3                                         re_output/3                                   L
+dual_output                                         dual_output                                   L
 =================================================== ============================================= =
 
 (The encoder list index ``<i>`` is an int path entry; torch has an extra ``layer``.)
+
+The rows after ``uniter.*`` are per head; `torch_name_table(num_layers, heads)` emits
+the backbone plus the heads named in ``heads`` (default `PRETRAINING_HEADS`, the four
+pre-training heads). Fine-tuning models (`vlp.models.downstream`) name theirs in
+their ``torch_heads`` property: ``rank_output`` (retrieval, next to ``itm_output``),
+``vqa_output`` (``.0``/``.2``/``.3``), ``re_output`` (a single Linear, the reference's
+``mlp=1``) or ``re_output_mlp2`` (``re_output.{0,2,3}``, ``mlp=2``), and
+``dual_output``, the dual-encoder projection, which has no reference counterpart
+(its torch-style name only serves a round trip through our own exports).
 
 Tied torch keys with no parameter of their own here (`TIED_TORCH_KEYS`):
 ``cls.predictions.decoder.weight`` is the word-embedding table (the MLM decoder
@@ -68,7 +86,7 @@ also carry ``cls.predictions.decoder.bias``, equal to ``cls.predictions.bias``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -254,12 +272,27 @@ class Uniter(nnx.Module):
     return x, self.pooler(x)
 
 
-def torch_name_table(num_layers: int) -> list[tuple[str, tuple, Transform]]:
-  """(torch state-dict key, nnx path of `UniterForPretraining`, transform) rows.
+PRETRAINING_HEADS = ('cls', 'feat_regress', 'region_classifier', 'itm_output')
+FINETUNING_HEADS = ('rank_output', 'vqa_output', 're_output', 're_output_mlp2',
+                    'dual_output')
+
+
+def torch_name_table(num_layers: int, heads: Sequence[str] = PRETRAINING_HEADS
+                     ) -> list[tuple[str, tuple, Transform]]:
+  """(torch state-dict key, nnx path, transform) rows for a model's parameters.
 
   Each parameter of the tree appears exactly once; tied torch duplicates are in
   `TIED_TORCH_KEYS`. 'transpose' means torch (out, in) -> flax kernel (in, out).
+
+  Args:
+    num_layers: encoder depth.
+    heads: which heads follow the backbone rows, from `PRETRAINING_HEADS` and
+      `FINETUNING_HEADS`; the default describes `UniterForPretraining`.
   """
+  unknown = [h for h in heads if h not in PRETRAINING_HEADS + FINETUNING_HEADS]
+  if unknown:
+    raise ValueError(f'unknown head(s) {unknown}; known: '
+                     f'{list(PRETRAINING_HEADS + FINETUNING_HEADS)}')
   rows: list[tuple[str, tuple, Transform]] = []
 
   def linear(torch: str, path: tuple) -> None:
@@ -294,14 +327,25 @@ def torch_name_table(num_layers: int) -> list[tuple[str, tuple, Transform]]:
     linear(f'{t}.output.dense', p + ('output', 'dense'))
     norm(f'{t}.output.LayerNorm', p + ('output', 'LayerNorm'))
   linear('uniter.pooler.dense', ('uniter', 'pooler', 'dense'))
-  linear('cls.predictions.transform.dense', ('cls', 'transform', 'dense'))
-  norm('cls.predictions.transform.LayerNorm', ('cls', 'transform', 'LayerNorm'))
-  rows.append(('cls.predictions.bias', ('cls', 'bias'), 'identity'))
-  linear('feat_regress.net.0', ('feat_regress', 'net', 0))
-  norm('feat_regress.net.2', ('feat_regress', 'net', 2))
-  rows.append(('feat_regress.bias', ('feat_regress', 'bias'), 'identity'))
-  linear('region_classifier.net.0', ('region_classifier', 'net', 0))
-  norm('region_classifier.net.2', ('region_classifier', 'net', 2))
-  linear('region_classifier.net.3', ('region_classifier', 'net', 3))
-  linear('itm_output', ('itm_output',))
+  for head in heads:
+    if head == 'cls':
+      linear('cls.predictions.transform.dense', ('cls', 'transform', 'dense'))
+      norm('cls.predictions.transform.LayerNorm', ('cls', 'transform', 'LayerNorm'))
+      rows.append(('cls.predictions.bias', ('cls', 'bias'), 'identity'))
+    elif head == 'feat_regress':
+      linear('feat_regress.net.0', ('feat_regress', 'net', 0))
+      norm('feat_regress.net.2', ('feat_regress', 'net', 2))
+      rows.append(('feat_regress.bias', ('feat_regress', 'bias'), 'identity'))
+    elif head == 'region_classifier':
+      linear('region_classifier.net.0', ('region_classifier', 'net', 0))
+      norm('region_classifier.net.2', ('region_classifier', 'net', 2))
+      linear('region_classifier.net.3', ('region_classifier', 'net', 3))
+    elif head in ('vqa_output', 're_output_mlp2'):
+      # Sequential [Linear, GELU, LN, Linear]; GELU (index 1) has no parameters.
+      name = head.removesuffix('_mlp2')
+      linear(f'{name}.0', (name, 0))
+      norm(f'{name}.2', (name, 2))
+      linear(f'{name}.3', (name, 3))
+    else:  # itm_output, rank_output, re_output, dual_output: one Linear
+      linear(head, (head,))
   return rows

@@ -1,4 +1,4 @@
-"""Pre-training objectives and their registry.
+"""Pre-training and fine-tuning objectives and their registry.
 
 Every task exposes `loss_fn(model, batch, rng) -> (loss, metrics)` (see
 docs/design.md) and names the batch kind it consumes. Hyper-parameters are
@@ -13,20 +13,25 @@ import functools
 import inspect
 from typing import Any, Callable
 
+from vlp.tasks.distill import distill_loss
+from vlp.tasks.grounding import grounding_loss
 from vlp.tasks.itm import itm_loss
 from vlp.tasks.mlm import mlm_loss
 from vlp.tasks.mrm import mrc_loss, mrckl_loss, mrfr_loss
+from vlp.tasks.retrieval_ft import retrieval_ft_loss
+from vlp.tasks.vqa import vqa_loss
 
 LossFn = Callable[..., tuple[Any, dict[str, Any]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """A pre-training objective.
+  """A pre-training or fine-tuning objective.
 
   Attributes:
     name: task key (also the suffix of its `loss/<name>` metric).
-    batch_kind: the `vlp.data.masking` batch kind it consumes.
+    batch_kind: the batch kind it consumes (a `vlp.data.masking` kind, or
+      `vqa` / `re` (`vlp.data.downstream_batches`) or `retrieval` for fine-tuning).
     loss_fn: `loss_fn(model, batch, rng, **hyper_parameters)`.
   """
   name: str
@@ -40,7 +45,16 @@ TASKS: dict[str, Task] = {
     "mrc": Task("mrc", "mrm", mrc_loss),
     "mrckl": Task("mrckl", "mrm", mrckl_loss),
     "itm": Task("itm", "itm", itm_loss),
+    # Fine-tuning (docs/design.md "Fine-tuning objectives"); batch kinds name the
+    # downstream batches, not `vlp.data.masking` kinds.
+    "vqa": Task("vqa", "vqa", vqa_loss),
+    "grounding": Task("grounding", "re", grounding_loss),
+    "retrieval_ft": Task("retrieval_ft", "retrieval", retrieval_ft_loss),
+    "distill": Task("distill", "retrieval", distill_loss),
 }
+
+PRETRAINING_TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+FINETUNING_TASKS = ("vqa", "grounding", "retrieval_ft", "distill")
 
 
 def make_loss_fn(name: str, **task_kwargs: Any) -> LossFn:

@@ -17,6 +17,7 @@ import numpy as np
 
 from vlp.dist import global_batch
 from vlp.evaluators import retrieval
+from vlp.train import step as step_lib
 
 
 def mean_metrics(eval_fn: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
@@ -90,3 +91,22 @@ def zero_shot_retrieval(score_fn: Callable, params: Any, gallery: Mapping[str, n
     scores.append(out[:real])
   matrix = np.concatenate(scores).reshape(n_img, n_txt)
   return retrieval.recall_at_k(matrix, gallery["txt2img"])
+
+
+_JIT_CACHE: dict = {}
+
+
+def jitted_eval_step(graphdef, loss_fn: Callable):
+  """`jax.jit` of `step.make_eval_step`, compiled once per (model, objective)."""
+  key = (id(graphdef), id(loss_fn), "eval")
+  if key not in _JIT_CACHE:
+    _JIT_CACHE[key] = jax.jit(step_lib.make_eval_step(graphdef, loss_fn))
+  return _JIT_CACHE[key]
+
+
+def jitted_score_step(graphdef):
+  """`jax.jit` of `step.make_score_step` (the ITM match logit per pair)."""
+  key = (id(graphdef), None, "score")
+  if key not in _JIT_CACHE:
+    _JIT_CACHE[key] = jax.jit(step_lib.make_score_step(graphdef))
+  return _JIT_CACHE[key]

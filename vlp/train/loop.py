@@ -19,7 +19,6 @@ stops all of them after the same step with a checkpoint (`PreemptionWatch`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import time
@@ -33,11 +32,11 @@ from jax.experimental import multihost_utils
 from vlp import checkpoint as ckpt_lib
 from vlp.dist import global_batch, mesh as mesh_lib, sharding as sharding_lib
 from vlp.dist import logical, preemption as preemption_lib
-from vlp.models.pretraining import UniterForPretraining
-from vlp.tasks import TASKS, make_loss_fn
-from vlp.train import evaluation, metrics as metrics_lib, optim, pretrain_data, step as step_lib
+from vlp.train import metrics as metrics_lib, optim, step as step_lib
+from vlp.train.job import EvalContext, JobFactory
+from vlp.train.pretrain_job import make_pretrain_job
 from vlp.train.state import abstract_state, create_train_state, state_shardings
-from vlp.train.task_mix import BatchKinds, TaskMix, task_kwargs
+from vlp.train.task_mix import BatchKinds, TaskMix
 
 
 # SIGTERM -> a checkpoint and a clean exit, at the same step on every host.
@@ -45,11 +44,13 @@ _Preemption = preemption_lib.PreemptionWatch
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
-  """Pretrains per `config` in `workdir`; returns the last evaluation.
+                       devices: Sequence[jax.Device] | None = None,
+                       job_factory: JobFactory | None = None) -> dict[str, Any]:
+  """Trains per `config` in `workdir`; returns the last evaluation.
 
-  `devices` (default: all) lets a single-process run use a subset, e.g. a
-  one-device reference inside an 8-device test process.
+  `job_factory` (default: pretraining) supplies data, model, objectives and
+  evaluation (`vlp.train.job`). `devices` (default: all) lets a single-process
+  run use a subset, e.g. a one-device reference inside an 8-device test process.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
@@ -58,10 +59,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   f"{jax.device_count()} devices, mesh {dict(mesh.shape)}, sharding {config.sharding}")
 
   rows = global_batch.process_rows(mesh, rules, config.batch_size)
-  data = pretrain_data.PretrainData(config, rows)
-  model_cfg = pretrain_data.model_config_for(config, data.tokenizer)
-  make_model = functools.partial(UniterForPretraining, model_cfg)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  job = (job_factory or make_pretrain_job)(config, rows)
+  make_model = job.make_model
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
+                                      lr_multipliers=job.lr_multipliers)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                save_every=config.checkpoint_every, keep=config.keep_checkpoints)
 
@@ -74,16 +75,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, meta = ckpt.restore(latest, abstract_state(state_sh, make_model, tx))
     start_step, data_state = int(state.step), meta.get("data_state")
     metrics_lib.log(f"resumed from {ckpt.directory} at step {start_step}")
+    if job.init_params is not None:
+      metrics_lib.log("resuming: config.init_from is not reloaded")
   else:
     with logical.activate(mesh, rules):
       graphdef, state, state_sh = create_train_state(
           make_model, tx, seed=config.seed, mesh=mesh, rules=rules,
           sharding_name=config.sharding)
+    if job.init_params is not None:
+      # Loaded weights go straight into the shardings the fresh ones have.
+      state = state.replace(params=jax.device_put(job.init_params(state.params),
+                                                  state_sh.params))
 
   mix = TaskMix(config.tasks, config.seed)
-  loss_fns = {name: make_loss_fn(name, **task_kwargs(config, name)) for name in mix.names}
-  train_iter = data.train_iterator(
-      kind_for_index=BatchKinds(mix, {n: TASKS[n].batch_kind for n in mix.names}),
+  loss_fns = job.loss_fns
+  train_iter = job.data.train_iterator(
+      kind_for_index=BatchKinds(mix, {n: job.batch_kinds[n] for n in mix.names}),
       start_index=start_step)
   if data_state is not None:
     train_iter.set_state(data_state)
@@ -113,12 +120,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def save(step: int, force: bool = False):
     meta = {"step": step, "data_state": train_iter.get_state(),
-            "config": json.loads(config.to_json_best_effort())}
+            "config": json.loads(config.to_json_best_effort()),
+            "model_info": dict(job.model_info)}
     ckpt.save(step, state, meta, force=force)
 
-  evaluate = functools.partial(_evaluate, config=config, workdir=workdir, data=data,
-                               graphdef=graphdef, loss_fns=loss_fns, mesh=mesh, rules=rules,
-                               to_global=to_global)
+  def evaluate(params, step: int) -> dict[str, Any]:
+    ctx = EvalContext(step=step, config=config, workdir=workdir, graphdef=graphdef,
+                      mesh=mesh, rules=rules, to_global=to_global, loss_fns=loss_fns)
+    out = job.evaluate(params, ctx)
+    metrics_lib.write_json(os.path.join(workdir, job.eval_file), out)
+    metrics_lib.MetricWriter(workdir, "eval_history.jsonl").write(out)
+    metrics_lib.log("eval step {}: ".format(step) + ", ".join(
+        f"{k}={v:.2f}" for k, v in out.items() if isinstance(v, float)))
+    return out
+
   eval_on = config.eval_every > 0  # eval_every <= 0 turns evaluation off.
   writer = metrics_lib.MetricWriter(workdir)
   progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
@@ -155,36 +170,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return last_eval
 
 
-def _evaluate(params, *, step, config, workdir, data, graphdef, loss_fns, mesh, rules,
-              to_global) -> dict[str, Any]:
-  t0 = time.perf_counter()
-  out: dict[str, Any] = {"step": step}
-  for task, key in (("mlm", "mlm_acc"), ("itm", "itm_acc")):
-    fn = _cached_jit(graphdef, loss_fns.get(task) or make_loss_fn(task), "eval")
-    m = evaluation.mean_metrics(fn, params, data.eval_batches(TASKS[task].batch_kind), to_global)
-    out[key] = m.get(key)
-    out[f"val_loss/{task}"] = m.get(f"loss/{task}")
-  score = _cached_jit(graphdef, None, "score")
-  # Pair batches must split evenly over the batch shards (and so the processes).
-  shards = sharding_lib.batch_shard_count(mesh, rules)
-  pairs_per_call = -(-config.eval_batch_size // shards) * shards
-  out.update(evaluation.zero_shot_retrieval(
-      score, params, data.gallery(), pairs_per_call, to_global,
-      rows=global_batch.process_rows(mesh, rules, pairs_per_call)))
-  out["eval_seconds"] = time.perf_counter() - t0
-  metrics_lib.write_json(os.path.join(workdir, "eval.json"), out)
-  metrics_lib.MetricWriter(workdir, "eval_history.jsonl").write(out)
-  metrics_lib.log("eval step {}: ".format(step) + ", ".join(
-      f"{k}={v:.2f}" for k, v in out.items() if isinstance(v, float)))
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        job_factory: JobFactory | None = None,
+                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Restores the latest checkpoint of `workdir` and runs only the job's evaluation.
+
+  The result goes to `WORKDIR/<job.eval_file>` (for fine-tuning jobs
+  `eval_<config.eval_split>.json`).
+  """
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  rules = sharding_lib.rules_for(config.sharding, mesh)
+  rows = global_batch.process_rows(mesh, rules, config.batch_size)
+  job = (job_factory or make_pretrain_job)(config, rows)
+  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps,
+                               lr_multipliers=job.lr_multipliers)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first "
+                            "(python -m vlp.pretrain / vlp.finetune with this --workdir)")
+  graphdef, state_sh = state_shardings(job.make_model, tx, mesh=mesh, rules=rules,
+                                       sharding_name=config.sharding)
+  state, _ = ckpt.restore(latest, abstract_state(state_sh, job.make_model, tx))
+  ckpt.close()
+
+  def to_global(host_batch: dict) -> dict:
+    local = len(next(iter(host_batch.values())))
+    return global_batch.host_to_global(host_batch, mesh, rules,
+                                       global_size=local * config.batch_size // len(rows))
+
+  ctx = EvalContext(step=int(state.step), config=config, workdir=workdir, graphdef=graphdef,
+                    mesh=mesh, rules=rules, to_global=to_global, loss_fns=job.loss_fns)
+  with logical.activate(mesh, rules):
+    out = job.evaluate(state.params, ctx)
+  metrics_lib.write_json(os.path.join(workdir, job.eval_file), out)
+  metrics_lib.log(f"evaluated step {ctx.step} -> {os.path.join(workdir, job.eval_file)}")
   return out
-
-
-_JIT_CACHE: dict = {}
-
-
-def _cached_jit(graphdef, loss_fn, kind: str):
-  key = (id(graphdef), id(loss_fn), kind)
-  if key not in _JIT_CACHE:
-    fn = step_lib.make_eval_step(graphdef, loss_fn) if kind == "eval" else step_lib.make_score_step(graphdef)
-    _JIT_CACHE[key] = jax.jit(fn)
-  return _JIT_CACHE[key]

@@ -15,7 +15,7 @@ relative to a larger norm.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -49,11 +49,31 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def scale_by_module(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+  """Multiplies the updates of top-level modules, e.g. {'vqa_output': 10.0}.
+
+  Applied after AdamW, so it scales the head's learning rate including its weight
+  decay, like the reference's per-group `lr_mul`. Stateless.
+  """
+  multipliers = {k: float(v) for k, v in dict(multipliers).items()}
+
+  def update(updates, state, params=None):
+    del params
+    def scale(path, u):
+      top = str(getattr(path[0], "key", path[0]))
+      return u * multipliers[top] if top in multipliers else u
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(opt_cfg, total_steps: int, *,
+                   lr_multipliers: Mapping[str, float] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW per `opt_cfg`; `lr_multipliers` scales top-level modules' learning rates."""
   schedule = warmup_linear_decay(opt_cfg.learning_rate, opt_cfg.warmup_steps, total_steps)
-  tx = optax.chain(
-      optax.clip_by_global_norm(opt_cfg.grad_clip),
-      optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                  weight_decay=opt_cfg.weight_decay, mask=decay_mask),
-  )
-  return tx, schedule
+  parts = [optax.clip_by_global_norm(opt_cfg.grad_clip),
+           optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                       weight_decay=opt_cfg.weight_decay, mask=decay_mask)]
+  if lr_multipliers:
+    parts.append(scale_by_module(lr_multipliers))
+  return optax.chain(*parts), schedule

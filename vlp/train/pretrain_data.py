@@ -88,7 +88,7 @@ def shards_for_rows(rows: np.ndarray, global_batch: int, num_shards: int) -> lis
   return shards
 
 
-class _ShardedIterator:
+class ShardedIterator:
   """Several data shards advanced in lockstep; batches concatenated row-wise."""
 
   def __init__(self, iterators):
@@ -155,7 +155,7 @@ class PretrainData:
         seed=self.config.seed, process_index=shard, process_count=self.num_shards,
         start_index=start_index, worker_count=self.config.data_workers)
            for shard in self.shards]
-    return its[0] if len(its) == 1 else _ShardedIterator(its)
+    return its[0] if len(its) == 1 else ShardedIterator(its)
 
   @functools.lru_cache(maxsize=None)
   def eval_batches(self, kind: str) -> list[dict]:
@@ -176,6 +176,8 @@ class PretrainData:
 
   @functools.lru_cache(maxsize=None)
   def gallery(self) -> dict:
+    # Fine-tuning configs name the split; pretraining always uses "test".
     return pipeline.load_retrieval_gallery(
-        self.builder, self.spec, tokenizer=self.tokenizer, split="test",
-        max_images=self.config.eval_gallery_images)
+        self.builder, self.spec, tokenizer=self.tokenizer,
+        split=self.config.get("eval_split", "test"),
+        max_images=self.config.eval_gallery_images or None)

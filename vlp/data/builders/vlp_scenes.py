@@ -2,9 +2,25 @@
 
 One record per image with its region features and exactly five captions; the
 schema is the image-level schema that real datasets (COCO, Flickr30K) share.
-Shuffling is disabled, so record i of a split is image i of that split. A
-sentencepiece model trained on the TRAIN captions only is written next to the
-data (`<builder.data_dir>/spm.model`) as part of the same atomic preparation.
+Shuffling is disabled, so record i of a split is image i of that split.
+
+Version 1.1.0 adds, per image, VQA `questions` and referring expressions
+`refexps` (:mod:`vlp.data.scenes_tasks`; field names as in the `vqa_v2` and
+`refcoco` builders). Captions, features and every other 1.0.0 field are
+byte-identical. Files written next to the records (`<builder.data_dir>/`), all in
+the same atomic preparation:
+
+* `spm.model`: sentencepiece model trained on the TRAIN split's text: captions
+  only in 1.0.0; captions, questions and expressions in 1.1.0 (so caption token
+  ids differ between the two versions).
+* `answers.json` (1.1.0): the answer vocabulary, a JSON list (label = position):
+  the closed set of every answer the world can have, normalised.
+* `vqa_<split>_questions.json`, `vqa_<split>_annotations.json` (1.1.0, val and
+  test): the questions in the official VQA v2 file format, for the official-style
+  evaluator.
+
+Only the newest version can be generated (tfds' rule); data of 1.0.0 prepared
+by older code stay readable (`SUPPORTED_VERSIONS`).
 
 Build with :func:`vlp.data.scenes.prepare_scenes`; never read with `as_dataset`
 (no TensorFlow here): use `builder.as_data_source(split)`.
@@ -14,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 
 from etils import epath
@@ -21,9 +38,13 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 
-from vlp.data import scenes_world
+from vlp.data import scenes_tasks, scenes_world
+from vlp.data.builders.vqa_answers import normalize
 
 SPM_FILENAME = 'spm.model'
+ANSWERS_FILENAME = 'answers.json'
+VQA_JSON_SPLITS = ('val', 'test')
+TASKS_VERSION = '1.1.0'  # first version with questions and refexps
 SPECIAL_PIECES = ('[CLS]', '[SEP]', '[MASK]')
 # Image ids of different splits never collide, whatever the split sizes.
 SPLIT_ID_BASE = {'train': 0, 'val': 10_000_000, 'test': 20_000_000}
@@ -75,10 +96,16 @@ def train_spm(sentences, *, vocab_size: int = 1000) -> bytes:
 
 
 class VlpScenes(tfds.core.GeneratorBasedBuilder):
-  """Synthetic scenes with region features and templated captions."""
+  """Synthetic scenes: region features, templated captions, questions, expressions."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version(TASKS_VERSION)
+  SUPPORTED_VERSIONS = [tfds.core.Version('1.0.0')]
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'VQA questions and referring expressions per image; answers.json and '
+               'VQA-format JSON for val/test; spm trained on captions + questions + '
+               'expressions. Captions and image fields unchanged.',
+  }
   BUILDER_CONFIGS = _make_configs()
   DEFAULT_CONFIG_NAME = 'd64'
 
@@ -97,7 +124,7 @@ class VlpScenes(tfds.core.GeneratorBasedBuilder):
       return tfds.features.Tensor(shape=shape, dtype=dtype,
                                   encoding=tfds.features.Encoding.BYTES)
 
-    features = tfds.features.FeaturesDict({
+    features = {
         'image_id': np.int64,
         'image_w': np.int32,
         'image_h': np.int32,
@@ -111,10 +138,35 @@ class VlpScenes(tfds.core.GeneratorBasedBuilder):
         'obj_shape': tensor(shape=(None,), dtype=np.int32),
         'obj_color': tensor(shape=(None,), dtype=np.int32),
         'obj_size': tensor(shape=(None,), dtype=np.int32),
-    })
+    }
+    if self.has_tasks:
+      # Column tensors (first axis = question / expression), not a Sequence of
+      # dicts: the same tf.Example keys, one vectorised encode per column.
+      column = lambda dtype, *tail: tfds.features.Tensor(shape=(None, *tail), dtype=dtype)
+      features['questions'] = tfds.features.FeaturesDict({
+          'question_id': column(np.int64),
+          'question': column(np.object_),
+          'answers': column(np.object_, scenes_tasks.NUM_HUMAN_ANSWERS),
+          'multiple_choice_answer': column(np.object_),
+          'answer_type': column(np.object_),
+          'question_type': column(np.object_),
+      })
+      features['refexps'] = tfds.features.FeaturesDict({
+          'ref_id': column(np.int64),
+          'sentence': column(np.object_),
+          'target_index': column(np.int32),
+          'target_box': column(np.float32, 4),
+      })
+    features = tfds.features.FeaturesDict(features)
     return tfds.core.DatasetInfo(
         builder=self, description=__doc__, features=features, supervised_keys=None,
         disable_shuffling=True)
+
+  @property
+  def has_tasks(self) -> bool:
+    """Whether this version stores questions and referring expressions (1.0.0 data,
+    prepared by older code, are read with the 1.0.0 schema)."""
+    return self.version >= TASKS_VERSION
 
   def _world(self) -> scenes_world.SceneWorld:
     cfg = self.builder_config
@@ -127,16 +179,89 @@ class VlpScenes(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    # self.data_dir is the temporary directory here, so the tokenizer is renamed
-    # into place together with the records.
-    world = self._world()
-    sentences = [c for i in self.split_image_ids('train') for c in world.captions(i)]
-    model = train_spm(sentences, vocab_size=self.builder_config.spm_vocab_size)
-    with open(os.path.join(self.data_dir, SPM_FILENAME), 'wb') as f:
-      f.write(model)
+    # self.data_dir is the temporary directory here, so the side files are renamed
+    # into place together with the records. The tokenizer needs the train
+    # questions: the train generator writes it when it ends (as the val/test
+    # generators write their VQA JSON files).
+    self._write(ANSWERS_FILENAME, json.dumps(list(scenes_tasks.ANSWER_VOCAB)))
     return {split: self._generate_examples(split) for split in SPLIT_ID_BASE}
 
+  def _write(self, name: str, data: bytes | str) -> None:
+    with open(os.path.join(self.data_dir, name), 'wb' if isinstance(data, bytes) else 'w') as f:
+      f.write(data)
+
   def _generate_examples(self, split):
-    world = self._world()
+    world, seed = self._world(), self.builder_config.world_seed
+    sentences, all_questions = [], []
     for image_id in self.split_image_ids(split):
-      yield int(image_id), world.record(int(image_id))
+      record = world.record(int(image_id))
+      questions, refexps = scenes_tasks.make_tasks(scenes_world.scene_from_record(record),
+                                                   seed)
+      record['questions'] = questions_feature(questions)
+      record['refexps'] = refexps_feature(refexps)
+      if split == 'train':
+        sentences += record['captions'] + [q.question for q in questions]
+        sentences += [r.sentence for r in refexps]
+      all_questions += [(int(image_id), q) for q in questions]
+      yield int(image_id), record
+    if split == 'train':
+      self._write(SPM_FILENAME, train_spm(sentences,
+                                          vocab_size=self.builder_config.spm_vocab_size))
+    if split in VQA_JSON_SPLITS:
+      questions_json, annotations_json = vqa_json(all_questions, split)
+      self._write(vqa_json_filenames(split)[0], json.dumps(questions_json))
+      self._write(vqa_json_filenames(split)[1], json.dumps(annotations_json))
+
+
+def _strings(values) -> np.ndarray:
+  return np.array(list(values), dtype=object)
+
+
+def questions_feature(questions) -> dict:
+  """The `questions` field of a record: one column array per field."""
+  return {
+      'question_id': np.array([q.question_id for q in questions], np.int64),
+      'question': _strings(q.question for q in questions),
+      'answers': _strings(list(q.answers) for q in questions).reshape(
+          -1, scenes_tasks.NUM_HUMAN_ANSWERS),
+      'multiple_choice_answer': _strings(q.answer for q in questions),
+      'answer_type': _strings(q.answer_type for q in questions),
+      'question_type': _strings(q.question_type for q in questions),
+  }
+
+
+def refexps_feature(refexps) -> dict:
+  """The `refexps` field of a record."""
+  return {
+      'ref_id': np.array([r.ref_id for r in refexps], np.int64),
+      'sentence': _strings(r.sentence for r in refexps),
+      'target_index': np.array([r.target_index for r in refexps], np.int32),
+      'target_box': np.array([r.target_box for r in refexps], np.float32).reshape(-1, 4),
+  }
+
+
+def vqa_json_filenames(split: str) -> tuple[str, str]:
+  return f'vqa_{split}_questions.json', f'vqa_{split}_annotations.json'
+
+
+def vqa_json(questions, split: str) -> tuple[dict, dict]:
+  """(questions, annotations) dicts in the official VQA v2 layout.
+
+  Args:
+    questions: (image_id, scenes_tasks.Question) pairs.
+    split: the split name (the `data_subtype`).
+  """
+  head = {'info': {'description': 'vlp_scenes synthetic VQA'}, 'license': {},
+          'data_type': 'vlp_scenes', 'data_subtype': split}
+  qs = [{'question_id': q.question_id, 'image_id': image_id, 'question': q.question}
+        for image_id, q in questions]
+  anns = []
+  for image_id, q in questions:
+    anns.append({
+        'question_id': q.question_id, 'image_id': image_id, 'answer_type': q.answer_type,
+        'question_type': q.question_type, 'multiple_choice_answer': q.answer,
+        'answers': [{'answer': a, 'answer_id': k + 1,
+                     'answer_confidence': 'yes' if normalize(a) == q.answer else 'maybe'}
+                    for k, a in enumerate(q.answers)]})
+  return ({**head, 'task_type': 'Open-Ended', 'questions': qs},
+          {**head, 'annotations': anns})

@@ -1,0 +1,24 @@
+r"""VQA fine-tuning: answer head, soft-score BCE x answers, official accuracy.
+
+  python -m vlp.finetune --config=configs/finetune_vqa.py \
+      --config.init_from=workdir/pretrain --workdir=workdir/ft_vqa
+
+Arguments after the colon: `size` (base | tiny) and `data` (vqa_v2 | vlp_scenes).
+Spec §5.3: lr 8e-5 with 10x for the answer head, 6000 updates, warm-up 600.
+"""
+
+import os
+
+from vlp import config_lib
+from vlp.downstream.configs import add_finetune_keys
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, size="base", data="vqa_v2")
+  tiny = arg.size == "tiny"
+  here = os.path.dirname(os.path.abspath(__file__))
+  c = config_lib.load_config_file(f"{here}/uniter_base.py:size={arg.size},data={arg.data}")
+  add_finetune_keys(c, task="vqa", tiny=tiny, tasks=dict(vqa=1), eval_split="val",
+                    lr=8e-5, steps=6000, warmup=600, batch_size=512)
+  c.head_lr_mult = 10.0
+  return c

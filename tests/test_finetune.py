@@ -1,0 +1,139 @@
+"""Fine-tuning end to end on `vlp_scenes` (small build, a very small model).
+
+* pretrain a few steps, then fine-tune each task from that workdir (`init_from`):
+  the backbone is loaded, the loss falls, and evaluation writes its file;
+* VQA: the results file covers every val question once, and its accuracy,
+  recomputed from the file with the official-format annotations, equals the
+  reported one; `vlp.evaluate` on the test split writes eval_test.json;
+* grounding: the reported accuracy equals an independent numpy recomputation
+  (argmax region box vs ground truth at IoU >= 0.5) over the val split;
+* retrieval: a fresh ranking head starts as the pre-trained ITM match row, and the
+  full ranking reports R@K over the whole small gallery.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vlp import config_lib, downstream
+from vlp.data import scenes
+from vlp.downstream import retrieval as retrieval_job
+from vlp.evaluators import vqa as vqa_eval
+from vlp.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE = jax.devices()[:1]
+pytestmark = pytest.mark.slow
+
+
+def small(config_file, data_dir, **overrides):
+  c = config_lib.load_config_file(os.path.join(REPO, config_file))
+  values = dict(data_dir=str(data_dir), data_size="small", batch_size=16, max_text_len=20,
+                mesh={"data": 1, "fsdp": 1, "tensor": 1}, eval_batch_size=40,
+                **{"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
+                   "model.intermediate_size": 64, "model.hidden_dropout": 0.0,
+                   "model.attention_dropout": 0.0})
+  values.update(overrides)
+  for k, v in values.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("scenes")
+  work = tmp_path_factory.mktemp("pretrain")
+  cfg = small("configs/uniter_base.py:tiny", data_dir, total_steps=4, eval_every=0,
+              checkpoint_every=4, eval_batches=1, eval_gallery_images=4)
+  loop.train_and_evaluate(cfg, str(work), devices=ONE)
+  return data_dir, str(work)
+
+
+def finetune(config_file, pretrained_dir, tmp_path, **overrides):
+  data_dir, init = pretrained_dir
+  cfg = small(config_file, data_dir, init_from=init, log_every=1, **overrides)
+  work = str(tmp_path)
+  out = loop.train_and_evaluate(cfg, work, devices=ONE, job_factory=downstream.job_factory(cfg))
+  with open(os.path.join(work, "metrics.jsonl")) as f:
+    losses = [r[f"loss/{r['task']}"] for r in map(json.loads, f)]
+  return cfg, work, out, losses
+
+
+def test_vqa(pretrained_dir, tmp_path):
+  cfg, work, out, losses = finetune("configs/finetune_vqa.py:size=tiny,data=vlp_scenes",
+                                    pretrained_dir, tmp_path, total_steps=30)
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+  builder = scenes.prepare_scenes(cfg.data_dir, size="small")
+  q_path, a_path = scenes.vqa_json_paths(builder, "val")
+  with open(a_path) as f:
+    annotations = json.load(f)
+  results = vqa_eval.read_results(out["results_file"])
+  assert sorted(r["question_id"] for r in results) == sorted(
+      a["question_id"] for a in annotations["annotations"])
+  again = vqa_eval.vqa_accuracy(results, annotations)
+  assert again["overall"] == out["vqa_acc"]
+  # The same checkpoint on the test split, through the evaluate entry point.
+  cfg.eval_split = "test"
+  test_out = loop.evaluate_checkpoint(cfg, work, devices=ONE,
+                                      job_factory=downstream.job_factory(cfg))
+  assert os.path.exists(os.path.join(work, "eval_test.json"))
+  assert test_out["split"] == "test" and test_out["num_questions"] > 0
+
+
+def test_grounding_accuracy_matches_numpy(pretrained_dir, tmp_path):
+  cfg, work, out, losses = finetune("configs/finetune_refcoco.py:size=tiny,data=vlp_scenes",
+                                    pretrained_dir, tmp_path, total_steps=10)
+  # (That this loss falls is checked on a fixed batch in test_downstream_tasks.py.)
+  assert all(np.isfinite(losses))
+  job = downstream.job_factory(cfg)(cfg, np.arange(cfg.batch_size))
+  from vlp.downstream import grounding
+  from vlp.train.state import abstract_state, state_shardings
+  from vlp import checkpoint as ckpt_lib
+  from vlp.dist import mesh as mesh_lib, sharding as sharding_lib
+  from vlp.train import optim
+  from flax import nnx
+  mesh = mesh_lib.make_mesh(cfg.mesh, ONE)
+  rules = sharding_lib.rules_for(cfg.sharding, mesh)
+  tx, _ = optim.make_optimizer(cfg.optimizer, cfg.total_steps)
+  graphdef, sh = state_shardings(job.make_model, tx, mesh=mesh, rules=rules)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(work, "checkpoints"), save_every=1, keep=1)
+  state, _ = ckpt.restore(ckpt.latest_step(), abstract_state(sh, job.make_model, tx))
+  ckpt.close()
+  model = nnx.merge(graphdef, state.params)
+  hits = n = 0
+  for batch in job.data.eval_dataset("val", 40):
+    scores = np.asarray(grounding.region_scores(model, batch))
+    scores = np.where(batch["img_mask"], scores, -np.inf)
+    for b in np.flatnonzero(batch["example_mask"]):
+      box, gt = batch["img_boxes"][b, scores[b].argmax()], batch["gt_box"][b]
+      iw = max(0.0, min(box[2], gt[2]) - max(box[0], gt[0]))
+      ih = max(0.0, min(box[3], gt[3]) - max(box[1], gt[1]))
+      union = ((box[2] - box[0]) * (box[3] - box[1]) + (gt[2] - gt[0]) * (gt[3] - gt[1])
+               - iw * ih)
+      hits += iw * ih / union >= 0.5
+      n += 1
+  assert n == out["counts"]["gt"]["val"]
+  assert out["grounding_acc/val"] == pytest.approx(100.0 * hits / n, abs=1e-6)
+
+
+def test_retrieval_rank_head_from_itm(pretrained_dir, tmp_path):
+  params = {"itm_output": {"kernel": np.arange(8.0).reshape(4, 2), "bias": np.array([1.0, 2.0])},
+            "rank_output": {"kernel": np.zeros((4, 1)), "bias": np.zeros(1)}}
+  out = retrieval_job._rank_from_itm(params, {"fresh": ["rank_output"],
+                                              "loaded": ["itm_output"]})
+  np.testing.assert_array_equal(out["rank_output"]["kernel"][:, 0], [1.0, 3.0, 5.0, 7.0])
+  np.testing.assert_array_equal(out["rank_output"]["bias"], [2.0])
+  cfg, work, out, losses = finetune(
+      "configs/finetune_retrieval.py:size=tiny,data=vlp_scenes", pretrained_dir, tmp_path,
+      total_steps=6, eval_gallery_images=10, num_anchors=4, num_hard_negatives=3)
+  assert out["num_images"] == 10 and out["num_captions"] == 50
+  assert out["full"]["pairs_scored"] == 500
+  assert 0.0 <= out["t2i_r1"] <= out["t2i_r5"] <= out["t2i_r10"] <= 100.0
+  assert all(np.isfinite(losses))

@@ -1,0 +1,79 @@
+"""VQA fine-tuning job: answer head, soft-score BCE, official accuracy.
+
+Evaluation writes the predictions of `config.eval_split` in the official results
+format (`WORKDIR/vqa_results_<split>.json`, a list of {"question_id", "answer"})
+and scores them with `vlp.evaluators.vqa.vqa_accuracy` against the split's
+official-format question and annotation files stored with the data.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlp.data import scenes
+from vlp.downstream import common
+from vlp.downstream.task_data import TaskData
+from vlp.evaluators import vqa as vqa_eval
+from vlp.models.downstream import UniterForVqa
+from vlp.tasks import make_loss_fn
+from vlp.train import pretrain_data
+from vlp.train.job import EvalContext, Job
+
+
+def make_vqa_job(config: ml_collections.ConfigDict, rows: np.ndarray) -> Job:
+  data = TaskData(config, rows, "vqa")
+  model_cfg = pretrain_data.model_config_for(config, data.tokenizer)
+  make_model = functools.partial(UniterForVqa, model_cfg, num_answers=len(data.answers))
+  return Job(
+      data=data, make_model=make_model,
+      loss_fns={"vqa": make_loss_fn("vqa")}, batch_kinds={"vqa": "vqa"},
+      evaluate=functools.partial(evaluate_vqa, data=data),
+      init_params=common.init_params_fn(config, model_cfg),
+      eval_file=f"eval_{config.eval_split}.json",
+      model_info=common.model_info(UniterForVqa, model_cfg, data.tokenizer,
+                                   num_answers=len(data.answers)),
+      lr_multipliers={"vqa_output": config.head_lr_mult} if config.head_lr_mult != 1 else {})
+
+
+def predict(model, batch):
+  return jnp.argmax(model.encode(batch)["vqa_logits"], axis=-1)
+
+
+def evaluate_vqa(params, ctx: EvalContext, *, data: TaskData) -> dict:
+  t0 = time.perf_counter()
+  split = ctx.config.eval_split
+  ds = data.eval_dataset(split, common.eval_rows_per_process(ctx))
+  fn = common.forward_fn(ctx.graphdef, predict)
+  qids, labels = [], []
+  for batch in ds:
+    pred = common.run_forward(fn, params, {k: v for k, v in batch.items()
+                                           if k != "question_id"}, ctx)
+    keep = common.gather(batch["example_mask"])
+    qids.append(common.gather(batch["question_id"])[keep])
+    labels.append(np.asarray(pred)[keep])
+  qids, labels = np.concatenate(qids), np.concatenate(labels)
+  answers = [data.answers[i] for i in labels]
+  path = os.path.join(ctx.workdir, f"vqa_results_{split}.json")
+  if jax.process_index() == 0:
+    vqa_eval.write_results(path, qids, answers)
+  questions, annotations = scenes.vqa_json_paths(data.builder, split)
+  report = vqa_eval.vqa_accuracy(
+      [{"question_id": int(q), "answer": a} for q, a in zip(qids, answers)],
+      _load(annotations), _load(questions))
+  return {"step": ctx.step, "split": split, "vqa_acc": report["overall"],
+          "vqa_acc_per_answer_type": report["per_answer_type"],
+          "num_questions": report["num_questions"], "results_file": path,
+          "eval_seconds": time.perf_counter() - t0}
+
+
+def _load(path):
+  with open(path) as f:
+    return json.load(f)

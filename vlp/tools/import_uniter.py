@@ -1,0 +1,309 @@
+r"""Import a released PyTorch UNITER checkpoint as a vlp pretrained directory.
+
+  python -m vlp.tools.import_uniter --checkpoint=uniter-base.pt \
+      --model_config=uniter-base.json --vocab=bert-base-cased-vocab.txt --out=DIR
+  python -m vlp.tools.import_uniter --checkpoint=model.safetensors ... --out=DIR
+
+Reads the state dict of the reference `UniterForPretraining`, `UniterModel` (keys
+with or without the ``uniter.`` prefix, or a ``module.`` wrapper prefix) or one of
+its fine-tuning models, in float16 or float32, from ``.pt`` (``torch.load`` with
+``weights_only=True``; needs the ``torch`` extra) or ``.safetensors``. The names map
+through `vlp.models.uniter.torch_name_table`; tied duplicates
+(``cls.predictions.decoder.weight``, ``feat_regress.weight``,
+``cls.predictions.decoder.bias``) are checked to equal what they tie to. Old BERT
+LayerNorm names (``gamma``/``beta``) are accepted. Heads of reference models vlp
+does not implement (NLVR2, VCR) and position-id buffers are ignored and listed;
+with ``--backbone_only`` every head is. Any other unknown key, a missing key or a
+shape that does not fit the config is an error that lists all of them.
+
+The output is exactly what `python -m vlp.export` writes (see `vlp.pretrained`);
+load it with `vlp.load_pretrained(DIR)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+# Reference fine-tuning heads with no vlp counterpart (nlvr2.py, vcr.py).
+UNSUPPORTED_HEADS = ('nlvr2_output', 'attn1', 'attn2', 'attn_pool', 'fc', 'vcr_output')
+# Buffers (not parameters) some exports carry.
+BUFFERS = re.compile(r'^uniter\.embeddings\.position_ids$')
+_BACKBONE_MODULES = ('embeddings', 'img_embeddings', 'encoder', 'pooler')
+_DECODER_BIAS = 'cls.predictions.decoder.bias'
+
+# UNITER / BERT json field -> UniterConfig field.
+_CONFIG_FIELDS = {
+    'vocab_size': 'vocab_size', 'hidden_size': 'hidden_size',
+    'num_hidden_layers': 'num_layers', 'num_attention_heads': 'num_heads',
+    'intermediate_size': 'intermediate_size',
+    'max_position_embeddings': 'max_position_embeddings',
+    'type_vocab_size': 'type_vocab_size', 'hidden_dropout_prob': 'hidden_dropout',
+    'attention_probs_dropout_prob': 'attention_dropout',
+    'initializer_range': 'initializer_range', 'layer_norm_eps': 'layer_norm_eps',
+}
+_REQUIRED = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
+             'intermediate_size')
+
+
+class CheckpointMismatchError(ValueError):
+  """The state dict does not fit the model config; the message lists every key."""
+
+
+@dataclasses.dataclass
+class ImportSummary:
+  heads: tuple[str, ...]
+  ignored: dict[str, str]           # key -> reason
+  tied_checked: list[str]
+  source_dtypes: dict[str, int]     # dtype name -> number of tensors
+  prefix: str
+
+  def lines(self) -> list[str]:
+    out = [f"heads: {', '.join(self.heads) or '(none: backbone only)'}",
+           f"tensor dtypes in the checkpoint: {self.source_dtypes}",
+           f"key prefix handling: {self.prefix}"]
+    if self.tied_checked:
+      out.append(f"tied duplicates checked and dropped: {', '.join(self.tied_checked)}")
+    if self.ignored:
+      out.append(f'ignored ({len(self.ignored)}):')
+      out += [f'  {k}  [{why}]' for k, why in sorted(self.ignored.items())]
+    return out
+
+
+def uniter_config(json_config: Mapping[str, Any], *, img_dim: int = 2048,
+                  num_region_classes: int = 1601, **overrides):
+  """`UniterConfig` from a UNITER / BERT json model config.
+
+  Returns:
+    (config, ignored json fields). ``hidden_act`` must be gelu (vlp's exact erf
+    GELU); fields without a vlp meaning are returned as ignored.
+  """
+  from vlp.models.uniter_config import UniterConfig
+  missing = [k for k in _REQUIRED if k not in json_config]
+  if missing:
+    raise ValueError(f'model config lacks {missing}')
+  act = json_config.get('hidden_act', 'gelu')
+  if act != 'gelu':
+    raise ValueError(f'hidden_act={act!r}: vlp implements the exact (erf) gelu only')
+  pos = json_config.get('position_embedding_type', 'absolute')
+  if pos != 'absolute':
+    raise ValueError(f'position_embedding_type={pos!r}: vlp uses absolute positions only')
+  fields = {ours: json_config[theirs] for theirs, ours in _CONFIG_FIELDS.items()
+            if theirs in json_config}
+  ignored = sorted(set(json_config) - set(_CONFIG_FIELDS)
+                   - {'hidden_act', 'position_embedding_type'})
+  fields.update(img_dim=img_dim, num_region_classes=num_region_classes, **overrides)
+  return UniterConfig(**fields), ignored
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Numpy arrays of a ``.pt`` / ``.bin`` (torch) or ``.safetensors`` state dict."""
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file
+    return dict(load_file(path))
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f'reading {path} needs PyTorch: pip install "vlp[torch]" (or convert '
+                      'the checkpoint to .safetensors elsewhere)') from e
+  obj = torch.load(path, map_location='cpu', weights_only=True)
+  for wrapper in ('state_dict', 'model'):
+    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+      obj = obj[wrapper]
+  if not isinstance(obj, Mapping):
+    raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict')
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(v, torch.Tensor):
+      raise ValueError(f'{path}: entry {k!r} is a {type(v).__name__}, not a tensor')
+    v = v.detach().cpu()
+    out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+  return out
+
+
+def _normalise_keys(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+  """Strips ``module.``, adds ``uniter.`` to bare backbone keys, gamma/beta -> weight/bias."""
+  notes = []
+  keys = list(sd)
+  if keys and all(k.startswith('module.') for k in keys):
+    sd = {k[len('module.'):]: v for k, v in sd.items()}
+    notes.append("stripped 'module.'")
+  if not any(k.startswith('uniter.') for k in sd):
+    sd = {(f'uniter.{k}' if k.split('.')[0] in _BACKBONE_MODULES else k): v
+          for k, v in sd.items()}
+    notes.append("added 'uniter.' to backbone keys (UniterModel state dict)")
+  out = {}
+  for k, v in sd.items():
+    if k.endswith('.gamma'):
+      k = k[:-len('gamma')] + 'weight'
+    elif k.endswith('.beta'):
+      k = k[:-len('beta')] + 'bias'
+    if k in out:
+      raise CheckpointMismatchError(f'key {k!r} appears twice (after renaming gamma/beta)')
+    out[k] = v
+  return out, '; '.join(notes) or 'keys used as they are'
+
+
+def _head_keys(num_layers: int) -> dict[str, list]:
+  from vlp.models.uniter import FINETUNING_HEADS, PRETRAINING_HEADS, torch_name_table
+  backbone = {k for k, _, _ in torch_name_table(num_layers, ())}
+  return {h: [r for r in torch_name_table(num_layers, (h,)) if r[0] not in backbone]
+          for h in PRETRAINING_HEADS + FINETUNING_HEADS}
+
+
+def convert_state_dict(sd: Mapping[str, np.ndarray], cfg, *,
+                       backbone_only: bool = False) -> tuple[dict, ImportSummary]:
+  """Reference state dict -> (vlp pure parameter dict, summary).
+
+  The heads present decide the model class (see `vlp.pretrained`); a head is all
+  or nothing, and one pre-training-only head (cls, feat_regress,
+  region_classifier) means all four pre-training heads are expected.
+
+  Raises:
+    CheckpointMismatchError: listing unknown, missing and mis-shaped keys (with
+      the expected torch shapes) and tied duplicates that differ.
+  """
+  from vlp import pretrained
+  from vlp.models.uniter import PRETRAINING_HEADS, TIED_TORCH_KEYS, torch_name_table
+  dtypes: dict[str, int] = {}
+  for v in sd.values():
+    dtypes[str(v.dtype)] = dtypes.get(str(v.dtype), 0) + 1
+  sd, prefix = _normalise_keys(sd)
+  head_rows = _head_keys(cfg.num_layers)
+  heads = [h for h, rows in head_rows.items() if any(r[0] in sd for r in rows)]
+  ignored: dict[str, str] = {}
+  for k in sd:
+    top = k.split('.')[0]
+    if BUFFERS.match(k):
+      ignored[k] = 'buffer, not a parameter'
+    elif top in UNSUPPORTED_HEADS:
+      ignored[k] = 'reference head vlp does not implement'
+    elif backbone_only and top != 'uniter':
+      ignored[k] = 'head (--backbone_only)'
+  if backbone_only:
+    heads = []
+  elif any(h in heads for h in PRETRAINING_HEADS[:3]):
+    heads = sorted(set(heads) | set(PRETRAINING_HEADS), key=pretrained.HEAD_ORDER.index)
+  rows = torch_name_table(cfg.num_layers, heads)
+  # The expected shapes, from the model class the heads select.
+  options = {}
+  if 'vqa_output' in heads and 'vqa_output.3.weight' in sd:
+    options['num_answers'] = int(sd['vqa_output.3.weight'].shape[0])
+  if 'dual_output' in heads and 'dual_output.weight' in sd:
+    options['dual_dim'] = int(sd['dual_output.weight'].shape[0])
+  abstract = pretrained.flatten(pretrained.abstract_params(
+      pretrained.model_factory(cfg, heads, options)))
+  tied = {k: v for k, v in TIED_TORCH_KEYS.items() if k.split('.')[0] in heads}
+  if 'cls' in heads:
+    tied[_DECODER_BIAS] = (('cls', 'bias'), 'identity')
+  used = {r[0] for r in rows} | set(tied)
+  unknown = sorted(k for k in sd if k not in used and k not in ignored)
+  missing = sorted(r[0] for r in rows if r[0] not in sd)
+  fix = lambda a, how: a.T if how == 'transpose' else a
+  shapes, params = [], {}
+  for key, path, how in rows:
+    if key not in sd:
+      continue
+    want = abstract[path]
+    torch_shape = tuple(reversed(want.shape)) if how == 'transpose' else tuple(want.shape)
+    if tuple(sd[key].shape) != torch_shape:
+      shapes.append(f'{key}: expected {torch_shape}, got {tuple(sd[key].shape)}')
+      continue
+    params[path] = np.asarray(fix(sd[key], how), dtype=want.dtype)
+  differ = []
+  for key, (path, how) in sorted(tied.items()):
+    if key in sd and path in params:
+      if not np.array_equal(np.asarray(fix(sd[key], how), params[path].dtype), params[path]):
+        differ.append(f'{key} (should equal {"/".join(map(str, path))})')
+  if unknown or missing or shapes or differ:
+    lines = [f'the checkpoint does not fit the model config ({cfg.num_layers} layers, '
+             f'hidden {cfg.hidden_size}, heads {heads or "none"}):']
+    for title, items in (('unknown keys', unknown), ('missing keys', missing),
+                         ('mis-shaped keys', shapes), ('tied duplicates that differ', differ)):
+      if items:
+        lines.append(f'  {title} ({len(items)}): ' + ', '.join(items))
+    if any(s.startswith(('uniter.img_embeddings.img_linear.', 'region_classifier.net.3.'))
+           for s in shapes):
+      lines.append(f'  (img_dim={cfg.img_dim} and num_region_classes={cfg.num_region_classes} '
+                   'are not in the json config: see --img_dim, --num_region_classes)')
+    raise CheckpointMismatchError('\n'.join(lines))
+  summary = ImportSummary(heads=tuple(heads), ignored=ignored,
+                          tied_checked=sorted(k for k in tied if k in sd),
+                          source_dtypes=dtypes, prefix=prefix)
+  return pretrained.unflatten(params), summary
+
+
+def import_checkpoint(checkpoint: str, model_config_path: str, out_dir: str, *,
+                      vocab: str | None = None, tokenizer: str | None = None,
+                      lowercase: bool = False, img_dim: int = 2048,
+                      num_region_classes: int = 1601,
+                      backbone_only: bool = False) -> tuple[dict, ImportSummary, list[str]]:
+  """Converts `checkpoint` with its json model config and writes `out_dir`.
+
+  Returns:
+    (config.json contents, the conversion summary, ignored json config fields).
+  """
+  from vlp import pretrained
+  if vocab and tokenizer:
+    raise ValueError('pass --vocab (WordPiece) or --tokenizer (sentencepiece), not both')
+  with open(model_config_path) as f:
+    cfg, ignored_fields = uniter_config(json.load(f), img_dim=img_dim,
+                                        num_region_classes=num_region_classes)
+  params, summary = convert_state_dict(read_state_dict(checkpoint), cfg,
+                                       backbone_only=backbone_only)
+  config = pretrained.save_pretrained(
+      out_dir, params, cfg, tokenizer=vocab or tokenizer, lowercase=lowercase,
+      source=dict(kind='import', checkpoint=os.path.abspath(checkpoint),
+                  model_config=os.path.abspath(model_config_path),
+                  ignored=sorted(summary.ignored)))
+  return config, summary, ignored_fields
+
+
+def main(argv):
+  from absl import app, flags, logging
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if not f['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO.
+  try:
+    config, summary, ignored_fields = import_checkpoint(
+        f.checkpoint, f.model_config, f.out, vocab=f.vocab, tokenizer=f.tokenizer,
+        lowercase=f.lowercase, img_dim=f.img_dim, num_region_classes=f.num_region_classes,
+        backbone_only=f.backbone_only)
+  except (CheckpointMismatchError, ImportError) as e:
+    sys.exit(f'error: {e}')
+  print(f'imported {f.checkpoint} -> {os.path.abspath(f.out)}')
+  for line in summary.lines():
+    print(line)
+  if ignored_fields:
+    print(f"model config fields without a vlp meaning (ignored): {', '.join(ignored_fields)}")
+  tok = config['tokenizer']
+  print(f"tokenizer: {tok['type']} {tok['file']} ({tok['vocab_size']} ids)" if tok else
+        'tokenizer: none (pass --vocab=vocab.txt or --tokenizer=spm.model to include one)')
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string('checkpoint', None, 'Reference state dict (.pt, .bin or .safetensors).')
+  flags.DEFINE_string('model_config', None, 'UNITER / BERT json model config.')
+  flags.DEFINE_string('out', None, 'Pretrained directory to write.')
+  flags.DEFINE_string('vocab', None, 'BERT WordPiece vocab.txt (bert-base-cased for UNITER).')
+  flags.DEFINE_bool('lowercase', False, 'The WordPiece vocabulary is uncased.')
+  flags.DEFINE_string('tokenizer', None, 'A sentencepiece model instead of --vocab.')
+  flags.DEFINE_integer('img_dim', 2048, 'Region feature size.')
+  flags.DEFINE_integer('num_region_classes', 1601, 'Detector classes of the MRC head.')
+  flags.DEFINE_bool('backbone_only', False, 'Ignore (and list) every head.')
+  flags.mark_flags_as_required(['checkpoint', 'model_config', 'out'])
+
+
+if __name__ == '__main__':
+  from absl import app
+  _define_flags()
+  app.run(main)
