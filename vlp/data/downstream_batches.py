@@ -21,7 +21,6 @@ ids and targets stay in memory; image fields are read per batch).
 from __future__ import annotations
 
 import collections
-import threading
 
 import grain
 import numpy as np
@@ -31,7 +30,7 @@ from vlp.data import scenes
 from vlp.data.batching import (BatchBuilder, BatchSpec, ImageSplit, shard_range,
                                tf_example_pb2)
 from vlp.data.builders.vqa_answers import AnswerVocab, normalize
-from vlp.data.pipeline import TrainIterator
+from vlp.data.pipeline import EpochShuffle, TrainIterator
 from vlp.data.tokenizer import Tokenizer
 
 __all__ = ['TASKS', 'TARGET_SCORES', 'TaskSplit', 'TaskIndex', 'TaskEvalDataset',
@@ -257,56 +256,20 @@ def _setup(builder, spec, tokenizer, task, split, answers, target_scores):
   return task_split, label_of, (len(answers) if answers is not None else 0)
 
 
-class _TaskTrainFn:
+class _TaskTrainFn(EpochShuffle):
   """Batch index -> task batch; picklable for grain workers."""
 
   def __init__(self, batcher: _TaskBatcher, *, seed: int, process_index: int, task: str):
-    if int(seed) < 0:
-      raise ValueError(f'the data seed must be a non-negative int, got {seed}')
-    self.batcher, self.seed, self.process_index = batcher, int(seed), process_index
-    self.tag, self.num = _TASK_TAG[task], len(batcher.index)
-    self.stats: dict = {}
-    self._init_runtime()
+    self.batcher, self.tag = batcher, _TASK_TAG[task]
+    super().__init__(seed=seed, process_index=process_index, num=len(batcher.index))
 
-  def _init_runtime(self):
-    self._lock, self._perms = threading.Lock(), {}
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    del state['_lock'], state['_perms']
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._init_runtime()
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    with self._lock:
-      perm = self._perms.get(epoch)
-      if perm is None:
-        rng = np.random.default_rng([self.seed, self.process_index, epoch, self.tag])
-        perm = rng.permutation(self.num)
-        self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-        self._perms[epoch] = perm
-      return perm
-
-  def positions(self, index: int) -> np.ndarray:
-    """Example positions (into this process's index) of batch `index`."""
-    b = self.batcher.spec.batch_size
-    epochs, offsets = np.divmod(np.arange(index * b, (index + 1) * b, dtype=np.int64),
-                                self.num)
-    out = np.empty_like(offsets)
-    for e in np.unique(epochs):
-      sel = epochs == e
-      out[sel] = self._permutation(int(e))[offsets[sel]]
-    return out
+  def _rng(self, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([self.seed, self.process_index, epoch, self.tag])
 
   def __call__(self, index: int) -> dict:
     stats: dict = {}
-    batch = self.batcher(self.positions(index), stats)
-    with self._lock:
-      for key, value in stats.items():
-        self.stats[key] = self.stats.get(key, 0) + int(value)
+    batch = self.batcher(self.positions(index, self.batcher.spec.batch_size), stats)
+    self.add_stats(stats)
     return batch
 
 

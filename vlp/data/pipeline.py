@@ -30,20 +30,18 @@ __all__ = ['BatchSpec', 'TrainIterator', 'EvalDataset', 'make_train_iterator',
            'make_eval_dataset', 'load_retrieval_gallery']
 
 
-class _TrainBatchFn:
-  """Batch index -> task batch; picklable so grain workers can run it."""
+class EpochShuffle:
+  """Per-epoch permutations of `num` items, a pure function of (seed, process, epoch).
 
-  def __init__(self, builder: BatchBuilder, *, seed: int, process_index: int,
-               process_count: int, kind_for_index: Callable[[int], str] | None):
+  Base of the picklable batch functions that grain workers run: the lock and the
+  permutation cache are rebuilt after unpickling. Subclasses may override `_rng`
+  to give their stream its own seed sequence.
+  """
+
+  def __init__(self, *, seed: int, process_index: int, num: int):
     if int(seed) < 0:
       raise ValueError(f'the data seed must be a non-negative int, got {seed}')
-    self.builder, self.seed, self.kind_for_index = builder, int(seed), kind_for_index
-    self.process_index = process_index
-    self.lo, self.hi = shard_range(len(builder.split), process_index, process_count)
-    if self.hi <= self.lo:
-      raise ValueError(f'split {builder.split.split!r} of {builder.split.name} has '
-                       f'{len(builder.split)} images: too few for {process_count} processes')
-    self.num_pairs = (self.hi - self.lo) * NUM_CAPTIONS
+    self.seed, self.process_index, self.num = int(seed), process_index, int(num)
     self.stats: dict = {}
     self._init_runtime()
 
@@ -59,26 +57,50 @@ class _TrainBatchFn:
     self.__dict__.update(state)
     self._init_runtime()
 
+  def _rng(self, epoch: int) -> np.random.Generator:
+    return shuffle_rng(self.seed, self.process_index, epoch)
+
   def _permutation(self, epoch: int) -> np.ndarray:
     with self._lock:
       perm = self._perms.get(epoch)
       if perm is None:
-        rng = shuffle_rng(self.seed, self.process_index, epoch)
-        perm = rng.permutation(self.num_pairs)
+        perm = self._rng(epoch).permutation(self.num)
         self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
         self._perms[epoch] = perm
       return perm
 
-  def pairs(self, index: int) -> np.ndarray:
-    """Pair ids (into the whole split) of batch `index` on this process."""
-    b = self.builder.spec.batch_size
-    pos = np.arange(index * b, (index + 1) * b, dtype=np.int64)
-    epochs, offsets = np.divmod(pos, self.num_pairs)
-    pairs = np.empty_like(pos)
+  def positions(self, index: int, batch_size: int) -> np.ndarray:
+    """Item positions (in [0, num)) of batch `index`, epoch after epoch."""
+    pos = np.arange(index * batch_size, (index + 1) * batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(pos, self.num)
+    out = np.empty_like(pos)
     for e in np.unique(epochs):
       sel = epochs == e
-      pairs[sel] = self._permutation(int(e))[offsets[sel]]
-    return self.lo * NUM_CAPTIONS + pairs
+      out[sel] = self._permutation(int(e))[offsets[sel]]
+    return out
+
+  def add_stats(self, stats: dict) -> None:
+    with self._lock:
+      for key, value in stats.items():
+        self.stats[key] = self.stats.get(key, 0) + int(value)
+
+
+class _TrainBatchFn(EpochShuffle):
+  """Batch index -> task batch; picklable so grain workers can run it."""
+
+  def __init__(self, builder: BatchBuilder, *, seed: int, process_index: int,
+               process_count: int, kind_for_index: Callable[[int], str] | None):
+    self.builder, self.kind_for_index = builder, kind_for_index
+    self.lo, self.hi = shard_range(len(builder.split), process_index, process_count)
+    if self.hi <= self.lo:
+      raise ValueError(f'split {builder.split.split!r} of {builder.split.name} has '
+                       f'{len(builder.split)} images: too few for {process_count} processes')
+    self.num_pairs = (self.hi - self.lo) * NUM_CAPTIONS
+    super().__init__(seed=seed, process_index=process_index, num=self.num_pairs)
+
+  def pairs(self, index: int) -> np.ndarray:
+    """Pair ids (into the whole split) of batch `index` on this process."""
+    return self.lo * NUM_CAPTIONS + self.positions(index, self.builder.spec.batch_size)
 
   def __call__(self, index: int) -> dict:
     pairs = self.pairs(index)
@@ -87,9 +109,7 @@ class _TrainBatchFn:
     kind = self.kind_for_index(index) if self.kind_for_index else None
     batch = apply_kind(batch, kind, masking_rng(self.seed, index, self.process_index),
                        self.builder.spec, self.builder.ids, stats)
-    with self._lock:
-      for key, value in stats.items():
-        self.stats[key] = self.stats.get(key, 0) + int(value)
+    self.add_stats(stats)
     return batch
 
 

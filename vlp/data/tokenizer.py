@@ -15,6 +15,23 @@ import sentencepiece as spm
 _SPECIALS = ('[CLS]', '[SEP]', '[MASK]')
 
 
+def longest_run(flags) -> tuple[int, int]:
+  """[start, end) of the longest run of True in `flags` ((0, 0) if none).
+
+  The ids a tokenizer may draw as MLM's random replacements: its ordinary pieces,
+  which sit in one block (specials normally come first).
+  """
+  best, start = (0, 0), None
+  for i, ok in enumerate(list(flags) + [False]):
+    if ok and start is None:
+      start = i
+    elif not ok and start is not None:
+      if i - start > best[1] - best[0]:
+        best = (start, i)
+      start = None
+  return best
+
+
 class Tokenizer:
   """Wraps a sentencepiece model file.
 
@@ -52,15 +69,7 @@ class Tokenizer:
     special = {self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id}
     normal = np.array([i not in special and not sp.is_control(i) and not sp.is_unknown(i)
                        and not sp.is_unused(i) for i in range(self.vocab_size)])
-    # Longest run of consecutive real pieces (specials sit at the front normally).
-    best, start = (0, 0), None
-    for i, ok in enumerate(list(normal) + [False]):
-      if ok and start is None:
-        start = i
-      elif not ok and start is not None:
-        if i - start > best[1] - best[0]:
-          best = (start, i)
-        start = None
+    best = longest_run(normal)
     if best[1] <= best[0]:
       raise ValueError(f'sentencepiece model {self.path!r} has no ordinary pieces')
     return best

@@ -23,6 +23,8 @@ import re
 import unicodedata
 from typing import Sequence
 
+from vlp.data.tokenizer import longest_run
+
 _SPECIALS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 _BRACKETED = re.compile(r'^\[[^\[\]]+\]$')
 _MAX_WORD_CHARS = 100
@@ -102,15 +104,7 @@ class WordPieceTokenizer:
     self.random_range = self._random_range()
 
   def _random_range(self) -> tuple[int, int]:
-    best, start = (0, 0), None
-    flags = [bool(t) and not _BRACKETED.match(t) for t in self._tokens] + [False]
-    for i, ok in enumerate(flags):
-      if ok and start is None:
-        start = i
-      elif not ok and start is not None:
-        if i - start > best[1] - best[0]:
-          best = (start, i)
-        start = None
+    best = longest_run(bool(t) and not _BRACKETED.match(t) for t in self._tokens)
     if best[1] <= best[0]:
       raise ValueError(f'WordPiece vocabulary {self.path!r} has no ordinary pieces')
     return best
