@@ -24,4 +24,7 @@ def get_config(arg=None):
   c.eval_splits = (["val", "test"] if scenes else
                    ["val", "test"] if arg.data == "refcocog" else ["val", "testA", "testB"])
   c.max_regions = max(c.max_regions, 10 if scenes else 100)  # Every candidate region.
+  # A second build of `data` from detector features (the "det" evaluation setting);
+  # empty: only the setting of the main build (see vlp/downstream/grounding.py).
+  c.det_data_dir = ""
   return c

@@ -16,7 +16,6 @@ from jax.experimental import multihost_utils
 from vlp import pretrained
 from vlp.data.batching import BatchSpec
 from vlp.dist import global_batch, sharding as sharding_lib
-from vlp.train import pretrain_data
 from vlp.train.job import EvalContext
 
 
@@ -86,8 +85,3 @@ def write_eval(ctx: EvalContext, name: str, payload: Any) -> str:
       json.dump(payload, f)
     os.replace(path + ".tmp", path)
   return path
-
-
-def open_data(config: ml_collections.ConfigDict):
-  builder = pretrain_data.open_builder(config)
-  return builder, pretrain_data.tokenizer_for(config, builder)

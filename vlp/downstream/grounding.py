@@ -2,9 +2,12 @@
 
 Evaluation picks the best-scoring region of each expression and counts a hit
 when its box has IoU >= 0.5 with the ground-truth box
-(`vlp.evaluators.grounding`), for every split in `config.eval_splits`. On
-`vlp_scenes` the regions are the objects themselves (the "ground-truth regions"
-setting); detector regions come with real RefCOCO features.
+(`vlp.evaluators.grounding`), for every split in `config.eval_splits` and each
+region setting that has data: "gt" (the regions are the ground-truth boxes) and
+"det" (detector proposals). On `vlp_scenes` the regions are the objects
+themselves ("gt" only). A refcoco build holds one region set per image, so its
+setting is read off the data (`region_setting`); `config.det_data_dir` adds a
+second build of the same dataset with detector regions.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import functools
 import time
 
+import jax
 import ml_collections
 import numpy as np
 
+from vlp.data.batching import shard_range
 from vlp.downstream import common
 from vlp.downstream.task_data import TaskData
 from vlp.evaluators import grounding as grounding_eval
@@ -41,19 +46,104 @@ def region_scores(model, batch):
 
 
 def evaluate_grounding(params, ctx: EvalContext, *, data: TaskData) -> dict:
+  """Accuracy per split of `config.eval_splits` and per region setting.
+
+  The regions of a build decide its setting (`region_setting`). The main data
+  gives one; `config.det_data_dir` may name a second build of the same dataset
+  whose regions are detector proposals ("det"). A setting without a build is
+  reported as not evaluated, with the reason, under "settings".
+  The predictions go to `WORKDIR/grounding_predictions.json`
+  ({setting: {split: [{"ref_id", "sent_id", "pred_box", "gt_box"}]}}; sent_id -1
+  on vlp_scenes).
+  """
   t0 = time.perf_counter()
   fn = common.forward_fn(ctx.graphdef, region_scores)
   agg = grounding_eval.GroundingAggregator()
   splits = list(ctx.config.eval_splits) or [ctx.config.eval_split]
-  for split in splits:
-    for batch in data.eval_dataset(split, common.eval_rows_per_process(ctx)):
-      scores = np.asarray(common.run_forward(fn, params, batch, ctx))
-      agg.add_scores("gt", split, scores, common.gather(batch["img_boxes"]),
-                     common.gather(batch["gt_box"]), common.gather(batch["img_mask"]),
-                     common.gather(batch["example_mask"]))
+  local = common.eval_rows_per_process(ctx)
+  builds = [("data_dir", data.builder)]
+  det = data.det_builder
+  if det is not None:
+    builds.append(("det_data_dir", det))
+  settings, notes, predictions = {}, {}, {}
+  for key, builder in builds:
+    datasets = {split: data.eval_dataset(split, local, builder) for split in splits}
+    setting, why = region_setting(data.layout, datasets)
+    if setting in settings:
+      raise ValueError(
+          f"config.data_dir and config.det_data_dir both hold {setting!r} regions ({why}); "
+          "det_data_dir must be a build from detector features, data_dir one from features "
+          "on the ground-truth boxes")
+    settings[setting] = key
+    notes[setting] = f"evaluated on config.{key}={builder.data_dir}: {why}"
+    predictions[setting] = {}
+    for split, ds in datasets.items():
+      predictions[setting][split] = _run_split(fn, params, ctx, ds, agg, setting, split)
+  for setting in grounding_eval.SETTINGS:
+    if setting not in notes:
+      notes[setting] = ("not evaluated: " + (
+          "vlp_scenes regions are the scene objects themselves (ground-truth regions only)"
+          if data.layout == "images" else
+          f"{ctx.config.data} stores one region set per image and no build of the other "
+          "kind was given; set config.det_data_dir to a build of the same dataset from "
+          "detector features" if setting == "det" else
+          "the stored regions are not the ground-truth boxes; prepare the dataset from "
+          "features extracted on the ground-truth COCO boxes for this setting"))
   report = agg.report()
-  out = {"step": ctx.step, "grounding_acc": report["gt"].get(ctx.config.eval_split)}
-  out.update({f"grounding_acc/{s}": v for s, v in report["gt"].items()})
+  main = next(iter(settings))
+  out = {"step": ctx.step, "setting": main,
+         "grounding_acc": report[main].get(ctx.config.eval_split)}
+  out.update({f"grounding_acc/{s}": v for s, v in report[main].items()})
+  for setting in settings:
+    out.update({f"grounding_acc_{setting}/{s}": v for s, v in report[setting].items()})
+  out["settings"] = notes
   out["counts"] = report["counts"]
+  out["predictions_file"] = common.write_eval(ctx, "grounding_predictions.json", predictions)
   out["eval_seconds"] = time.perf_counter() - t0
+  return out
+
+
+def region_setting(layout: str, datasets: dict) -> tuple[str, str]:
+  """("gt" | "det", reason) for the regions of the eval datasets of one build.
+
+  vlp_scenes regions are the objects. On the refcoco builders a build whose
+  regions were extracted on the ground-truth COCO boxes holds, for every
+  expression, a region equal to the referred box (the stored `target_iou` is 1
+  up to float rounding); any expression without one means detector regions.
+  """
+  if layout == "images":
+    return "gt", "vlp_scenes regions are the scene objects"
+  ious = np.concatenate([ds.split_index.target_iou for ds in datasets.values()])
+  worst = float(ious.min()) if ious.size else 0.0
+  if worst >= GT_IOU:
+    return "gt", (f"every referred box is one of the stored regions (IoU >= {GT_IOU} for "
+                  f"all {ious.size} expressions)")
+  return "det", (f"{int((ious < GT_IOU).sum())} of {ious.size} referred boxes match no stored "
+                 f"region (best IoU down to {worst:.3f}): detector regions")
+
+
+GT_IOU = 0.99
+
+
+def _run_split(fn, params, ctx: EvalContext, ds, agg, setting: str, split: str) -> list:
+  index = getattr(ds, "split_index", None)  # Per-example records: sentence ids.
+  lo = 0
+  if index is not None:
+    lo, _ = shard_range(len(index), jax.process_index(), jax.process_count())
+  out = []
+  for b, batch in enumerate(ds):
+    scores = np.asarray(common.run_forward(fn, params, batch, ctx))
+    boxes, mask = common.gather(batch["img_boxes"]), common.gather(batch["img_mask"])
+    keep, gt = common.gather(batch["example_mask"]), common.gather(batch["gt_box"])
+    mask = mask.copy()
+    mask[~keep, 0] = True  # Padding rows may have no region; they are dropped below.
+    pred = grounding_eval.pick_boxes(scores, boxes, mask)
+    agg.add(setting, split, pred, gt, keep)
+    rows = len(batch["example_mask"])
+    example = common.gather(lo + b * rows + np.arange(rows))  # Row -> example of the split.
+    sent_ids = (index.sent_ids[example[keep]] if index is not None
+                else np.full(int(keep.sum()), -1))
+    ref_ids = common.gather(batch["ref_id"])
+    out += [{"ref_id": int(r), "sent_id": int(s), "pred_box": p.tolist(), "gt_box": g.tolist()}
+            for r, s, p, g in zip(ref_ids[keep], sent_ids, pred[keep], gt[keep])]
   return out

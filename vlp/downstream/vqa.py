@@ -2,8 +2,14 @@
 
 Evaluation writes the predictions of `config.eval_split` in the official results
 format (`WORKDIR/vqa_results_<split>.json`, a list of {"question_id", "answer"})
-and scores them with `vlp.evaluators.vqa.vqa_accuracy` against the split's
-official-format question and annotation files stored with the data.
+and scores them with `vlp.evaluators.vqa.vqa_accuracy`:
+* `vqa_v2`: against annotations rebuilt from the question records (the raw 10
+  human answers, answer_type and question_type the builder copied from the
+  official annotation file), so the score is the official one over the built
+  questions; `test` / `test_dev` have no answers: the results file is written
+  (for the evaluation server) and `vqa_acc` is None, with a note saying so;
+* `vlp_scenes`: against the official-format question and annotation files
+  stored with the data.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlp.data import scenes
+from vlp.data import downstream_records, scenes
 from vlp.downstream import common
 from vlp.downstream.task_data import TaskData
 from vlp.evaluators import vqa as vqa_eval
@@ -64,14 +70,27 @@ def evaluate_vqa(params, ctx: EvalContext, *, data: TaskData) -> dict:
   path = os.path.join(ctx.workdir, f"vqa_results_{split}.json")
   if jax.process_index() == 0:
     vqa_eval.write_results(path, qids, answers)
-  questions, annotations = scenes.vqa_json_paths(data.builder, split)
-  report = vqa_eval.vqa_accuracy(
-      [{"question_id": int(q), "answer": a} for q, a in zip(qids, answers)],
-      _load(annotations), _load(questions))
-  return {"step": ctx.step, "split": split, "vqa_acc": report["overall"],
-          "vqa_acc_per_answer_type": report["per_answer_type"],
-          "num_questions": report["num_questions"], "results_file": path,
-          "eval_seconds": time.perf_counter() - t0}
+  out = {"step": ctx.step, "split": split, "results_file": path}
+  results = [{"question_id": int(q), "answer": a} for q, a in zip(qids, answers)]
+  if data.layout == "images":
+    q_path, a_path = scenes.vqa_json_paths(data.builder, split)
+    report = vqa_eval.vqa_accuracy(results, _load(a_path), _load(q_path))
+    out["annotations"] = a_path
+  else:
+    annotations = downstream_records.vqa_annotations(ds.split_index)
+    if annotations is None:
+      out.update(vqa_acc=None, num_questions=len(results),
+                 note=f"split {split!r} has no answers: only the results file was written "
+                      "(score it with the VQA evaluation server)",
+                 eval_seconds=time.perf_counter() - t0)
+      return out
+    report = vqa_eval.vqa_accuracy(results, annotations)
+    out["annotations"] = (f"answers stored in the {split!r} records of "
+                          f"{data.builder.info.full_name}")
+  out.update(vqa_acc=report["overall"], vqa_acc_per_answer_type=report["per_answer_type"],
+             vqa_acc_per_question_type=report["per_question_type"],
+             num_questions=report["num_questions"], eval_seconds=time.perf_counter() - t0)
+  return out
 
 
 def _load(path):

@@ -49,7 +49,7 @@ def state_shardings(make_model, tx: optax.GradientTransformation, *, mesh: Mesh,
   """
   graphdef, abstract_params = split_abstract(make_model)
   p_sh = sharding_lib.param_shardings(abstract_params, mesh, rules)
-  abstract_pure = abstract_params.to_pure_dict()
+  abstract_pure = nnx.to_pure_dict(abstract_params)
   sharding_lib.check_sufficiently_sharded(abstract_pure, p_sh, sharding_name, mesh, rules)
   replicated = NamedSharding(mesh, P())
   opt_sh = optax.tree_map_params(
@@ -67,7 +67,7 @@ def create_train_state(make_model, tx: optax.GradientTransformation, *, seed: in
   def init(key):
     params_key, train_key = jax.random.split(key)
     model = make_model(rngs=nnx.Rngs(params=params_key))
-    params = nnx.split(model, nnx.Param, ...)[1].to_pure_dict()
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=jax.random.key_data(train_key))
 
@@ -78,7 +78,7 @@ def create_train_state(make_model, tx: optax.GradientTransformation, *, seed: in
 def abstract_state(shardings: TrainState, make_model, tx) -> TrainState:
   """ShapeDtypeStructs with the current shardings: the restore target."""
   _, abstract_params = split_abstract(make_model)
-  pure = abstract_params.to_pure_dict()
+  pure = nnx.to_pure_dict(abstract_params)
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=pure,
                       opt_state=jax.eval_shape(tx.init, pure),
                       rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))

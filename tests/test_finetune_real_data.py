@@ -1,0 +1,508 @@
+"""VQA and RefCOCO fine-tuning on the real-dataset builders, built from fixtures.
+
+The fixtures are the official formats (as tests/test_builders_vqa.py and
+tests/test_builders_refcoco.py write them): VQA v2 question / annotation JSON
+plus a bottom-up-attention TSV; the refer toolkit's refs pickle, COCO
+instances.json and per-image npz features. Every expectation is recomputed here
+from the fixture itself (hand answer normalisation and leave-one-out accuracy,
+numpy IoU), never from the builders' or evaluators' code.
+
+* batches: keys / shapes / dtypes as on vlp_scenes; each row holds its
+  question's text, its image's features and boxes, targets equal to the hand
+  computed official scores / argmax-IoU region; deterministic from the seed,
+  resumable, disjoint per-process shards; eval batches cover each example once
+  with padding rows masked;
+* VQA evaluation: annotations rebuilt from the records equal the official file;
+  the fine-tuned model's results file is scored exactly as by hand; test_dev
+  gets a results file and no accuracy;
+* RefCOCO evaluation: a build on the ground-truth boxes is the "gt" setting, a
+  second build on detector boxes (`det_data_dir`) the "det" one; per split the
+  reported accuracy equals numpy IoU >= 0.5 over the predicted boxes, each of
+  which is a region of its image.
+"""
+
+import base64
+import collections
+import json
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+from vlp import checkpoint as ckpt_lib, downstream, pretrained
+from vlp.data import downstream_records as dr
+from vlp.data import prepare
+from vlp.data.batching import BatchSpec
+from vlp.data.builders import vlp_scenes, vqa_v2
+from vlp.data.tokenizer import Tokenizer
+from vlp.downstream import grounding, task_data
+from vlp.evaluators import vqa as vqa_eval
+from vlp.train import loop
+
+from test_finetune import small  # The small-model config helper.
+
+D = 8
+W, H = 640, 480
+ONE = jax.devices()[:1]
+
+# ------------------------------------------------------------------ VQA fixture
+# Raw human answers: case, articles, number words and punctuation vary.
+POOL = ['yes', 'Yes', 'no', 'two', '2', '3', 'the dog', 'dog', 'red', 'blue.']
+_WORDS = {'two': '2', 'three': '3'}
+
+
+def hand_norm(a):
+  """VQA normalisation, enough for POOL: lowercase, no period, digits, no articles."""
+  words = a.strip().lower().replace('.', '').split()
+  return ' '.join(_WORDS.get(w, w) for w in words if w not in ('a', 'an', 'the'))
+
+
+def hand_accuracy(pred, answers):
+  """Official accuracy by its definition: mean over the 10 leave-one-out subsets."""
+  gts = [a.strip() for a in answers]
+  if len(set(gts)) > 1:  # only then are both sides normalised
+    gts, pred = [hand_norm(g) for g in gts], hand_norm(pred)
+  return np.mean([min(1.0, sum(g == pred for j, g in enumerate(gts) if j != k) / 3)
+                  for k in range(len(gts))])
+
+
+def _answers(rng, k):
+  truth = POOL[rng.integers(len(POOL))]
+  return [truth] * k + [POOL[i] for i in rng.integers(len(POOL), size=10 - k)]
+
+
+def write_vqa(manual):
+  """VQA v2 files for images 1..8; returns {split: [question dict]} and features."""
+  rng = np.random.default_rng(7)
+  os.makedirs(os.path.join(manual, 'features'), exist_ok=True)
+  plan = {'train': [(1 + i % 6, rng.integers(2, 11)) for i in range(36)],
+          'val': [(5 + i % 4, rng.integers(1, 11)) for i in range(11)],
+          'test_dev': [(7, 0), (8, 0), (1, 0), (8, 0), (2, 0)]}
+  out, qid = {}, 1000
+  for split, rows in plan.items():
+    qs = []
+    for image_id, k in rows:
+      qid += 1
+      answers = _answers(rng, int(k)) if k else None
+      if split == 'val' and len(qs) == 0:
+        answers = ['Yes'] * 10  # all agree: compared raw, so 'yes' scores 0
+      q = {'question_id': qid, 'image_id': image_id,
+           'question': f'what is the {["dog", "cube", "sky"][qid % 3]} in {image_id}?'}
+      if answers:
+        counts = collections.Counter(hand_norm(a) for a in answers)
+        mc = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+        q.update(answers=answers, multiple_choice_answer=mc,
+                 answer_type='yes/no' if mc in ('yes', 'no') else
+                 'number' if mc.isdigit() else 'other',
+                 question_type=['what is', 'how many', 'is the'][qid % 3])
+      qs.append(q)
+    out[split] = qs
+    q_name, a_name = vqa_v2.FILES[split]
+    with open(os.path.join(manual, q_name), 'w') as f:
+      json.dump({'questions': [{k: q[k] for k in ('question_id', 'image_id', 'question')}
+                               for q in qs]}, f)
+    if a_name:
+      with open(os.path.join(manual, a_name), 'w') as f:
+        json.dump({'annotations': [
+            {'question_id': q['question_id'], 'image_id': q['image_id'],
+             'multiple_choice_answer': q['multiple_choice_answer'],
+             'answer_type': q['answer_type'], 'question_type': q['question_type'],
+             'answers': [{'answer': a, 'answer_confidence': 'yes', 'answer_id': j + 1}
+                         for j, a in enumerate(q['answers'])]} for q in qs]}, f)
+  feats, lines = {}, []
+  for image_id in range(1, 9):
+    boxes = np.float32([[0, 0, 40, 30], [10 * image_id, 5, 90, 45], [50, 20, 99, 49]])
+    feats[image_id] = (image_id + 0.25 * np.arange(3 * D).reshape(3, D)).astype(np.float32)
+    lines.append('\t'.join([str(image_id), '100', '50', '3',
+                            base64.b64encode(boxes.tobytes()).decode(),
+                            base64.b64encode(feats[image_id].tobytes()).decode()]))
+  with open(os.path.join(manual, 'features', 'f.tsv'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return out, feats
+
+
+def expected_vocab(questions, size=5):
+  counts = collections.Counter(q['multiple_choice_answer'] for q in questions['train'])
+  return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+
+
+# ------------------------------------------------------------------ RefCOCO fixture
+IMAGES = range(1, 7)
+SPLIT_OF = {1: 'train', 2: 'train', 3: 'train', 4: 'val', 5: 'testA', 6: 'testB'}
+
+
+def ann_box(image_id, j):  # COCO xywh
+  return [20 + 200 * j, 40 + 30 * image_id, 150, 120 + 10 * j]
+
+
+def xyxy(b):
+  return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+
+
+def det_regions(image_id):
+  """Detector boxes: each annotation shifted right (IoU 1 down to ~0.3), then a
+  background box."""
+  out = []
+  for j in range(3):
+    x1, y1, x2, y2 = xyxy(ann_box(image_id, j))
+    dx = 25 * j + 5 * image_id
+    out.append([x1 + dx, y1, x2 + dx, y2])
+  return out + [[0, 0, 60, 60]]
+
+
+def gt_regions(image_id):
+  return [xyxy(ann_box(image_id, j)) for j in range(3)]
+
+
+def ref_sentences():
+  """[(ref_id, ann_id, image_id, split, [(sent_id, raw)])]: anns 0 and 1 of each
+  image are referred to (2 and 1 sentences), ann 2 is a distractor."""
+  out = []
+  for image_id in IMAGES:
+    for j, n in ((0, 2), (1, 1)):
+      ref_id = 10 * image_id + j
+      sents = [(100 * ref_id + s, f'the {["left", "middle"][j]} box number {s}')
+               for s in range(n)]
+      out.append((ref_id, 10 * image_id + j, image_id, SPLIT_OF[image_id], sents))
+  return out
+
+
+def write_refcoco(root, regions_of):
+  d = os.path.join(root, 'refcoco')
+  os.makedirs(d, exist_ok=True)
+  os.makedirs(os.path.join(root, 'features'), exist_ok=True)
+  refs = [{'ref_id': r, 'ann_id': a, 'image_id': i, 'split': s, 'category_id': 1,
+           'sentences': [{'sent_id': sid, 'raw': raw, 'sent': raw, 'tokens': raw.split()}
+                         for sid, raw in sents], 'sent_ids': [sid for sid, _ in sents]}
+          for r, a, i, s, sents in ref_sentences()]
+  with open(os.path.join(d, 'refs(unc).p'), 'wb') as f:
+    pickle.dump(refs, f, protocol=2)
+  instances = {
+      'images': [{'id': i, 'width': W, 'height': H, 'file_name': f'{i}.jpg'} for i in IMAGES],
+      'annotations': [{'id': 10 * i + j, 'image_id': i, 'bbox': ann_box(i, j),
+                       'category_id': 1, 'area': 1, 'iscrowd': 0}
+                      for i in IMAGES for j in range(3)],
+      'categories': [{'id': 1, 'name': 'thing'}]}
+  with open(os.path.join(d, 'instances.json'), 'w') as f:
+    json.dump(instances, f)
+  for i in IMAGES:
+    boxes = np.asarray(regions_of(i), np.float64)
+    np.savez(os.path.join(root, 'features', f'coco_train2014_{i:012d}.npz'),
+             features=np.full((len(boxes), D), i, np.float16),
+             norm_bb=boxes / [W, H, W, H], conf=np.linspace(0.9, 0.5, len(boxes)))
+
+
+def np_iou(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  area = lambda x: (x[2] - x[0]) * (x[3] - x[1])
+  return iw * ih / (area(a) + area(b) - iw * ih)
+
+
+# ------------------------------------------------------------------ builds
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  root = tmp_path_factory.mktemp('real')
+  questions, feats = write_vqa(str(root / 'vqa_manual'))
+  vqa, _ = prepare.prepare('vqa_v2', manual_dir=root / 'vqa_manual', data_dir=root / 'vqa',
+                           feature_dim=D, num_answers=5)
+  refs = {}
+  for kind, regions_of in (('gt', gt_regions), ('det', det_regions)):
+    write_refcoco(str(root / f'ref_manual_{kind}'), regions_of)
+    refs[kind], _ = prepare.prepare('refcoco', manual_dir=root / f'ref_manual_{kind}',
+                                    data_dir=root / f'ref_{kind}', feature_dim=D,
+                                    conf_th=-1, min_bb=1)
+  texts = [q['question'] for qs in questions.values() for q in qs]
+  texts += [raw for *_, sents in ref_sentences() for _, raw in sents]
+  spm_path = root / 'spm.model'
+  spm_path.write_bytes(vlp_scenes.train_spm(texts * 3, vocab_size=120))
+  return dict(root=root, vqa=vqa, questions=questions, feats=feats, refs=refs,
+              tokenizer=Tokenizer(str(spm_path)))
+
+
+SPEC = BatchSpec(batch_size=6, max_text_len=16, max_regions=5, feature_dim=D)
+COMMON = {'input_ids': ((6, 16), np.int32), 'txt_mask': ((6, 16), bool),
+          'img_feat': ((6, 5, D), np.float16), 'img_pos': ((6, 5, 7), np.float32),
+          'img_mask': ((6, 5), bool), 'soft_labels': ((6, 5, 0), np.float16),
+          'image_id': ((6,), np.int64), 'example_mask': ((6,), bool)}
+
+
+def _check_text(batch, i, text, tok):
+  ids = [tok.cls_id] + tok.encode(text)[:SPEC.max_text_len - 2] + [tok.sep_id]
+  np.testing.assert_array_equal(batch['input_ids'][i, :len(ids)], ids)
+  assert batch['txt_mask'][i].sum() == len(ids)
+
+
+def _check_vqa_rows(batch, by_qid, feats, vocab, tok):
+  for i in np.flatnonzero(batch['example_mask']):
+    q = by_qid[int(batch['question_id'][i])]
+    assert batch['image_id'][i] == q['image_id']
+    np.testing.assert_array_equal(batch['img_feat'][i, :3], feats[q['image_id']])
+    assert batch['img_mask'][i].tolist() == [True] * 3 + [False] * 2
+    _check_text(batch, i, q['question'], tok)
+    want = [hand_accuracy(a, q['answers']) for a in vocab]
+    np.testing.assert_allclose(batch['vqa_targets'][i], want, atol=1e-6)
+  pad = ~batch['example_mask']
+  assert (batch['question_id'][pad] == -1).all() and not batch['vqa_targets'][pad].any()
+  assert not batch['img_mask'][pad].any() and not batch['txt_mask'][pad].any()
+
+
+def test_vqa_v2_train_batches(built):
+  builder, tok, qs = built['vqa'], built['tokenizer'], built['questions']
+  vocab = expected_vocab(qs)
+  assert dr.layout(builder, 'vqa') == 'examples' and vqa_v2.answer_vocab(builder) == vocab
+  by_qid = {q['question_id']: q for q in qs['train']}
+  it = dr.make_task_train_iterator(builder, SPEC, task='vqa', tokenizer=tok, seed=3)
+  batches = [next(it) for _ in range(7)]  # > one epoch of 36 questions
+  for batch in batches:
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        **COMMON, 'vqa_targets': ((6, 5), np.float32), 'question_id': ((6,), np.int64)}
+    assert batch['example_mask'].all()
+    _check_vqa_rows(batch, by_qid, built['feats'], vocab, tok)
+  first_epoch = np.concatenate([b['question_id'] for b in batches[:6]])
+  assert sorted(first_epoch) == sorted(by_qid)  # every question once per epoch
+  # Deterministic from the seed, resumable from the stored position.
+  again = dr.make_task_train_iterator(builder, SPEC, task='vqa', tokenizer=tok, seed=3)
+  again.set_state({'next_index': 4})
+  for key, value in next(again).items():
+    np.testing.assert_array_equal(value, batches[4][key], err_msg=key)
+  other = dr.make_task_train_iterator(builder, SPEC, task='vqa', tokenizer=tok, seed=4)
+  assert not np.array_equal(next(other)['question_id'], batches[0]['question_id'])
+  # Two data shards: contiguous halves of the questions, one epoch each.
+  seen = []
+  for p in range(2):
+    shard = dr.make_task_train_iterator(builder, SPEC, task='vqa', tokenizer=tok, seed=3,
+                                        process_index=p, process_count=2)
+    ids = np.concatenate([next(shard)['question_id'] for _ in range(3)])
+    assert sorted(ids) == sorted(q['question_id'] for q in qs['train'][18 * p:18 * (p + 1)])
+    seen += list(ids)
+  assert sorted(seen) == sorted(by_qid)
+
+
+def test_vqa_v2_eval_batches_and_annotations(built):
+  builder, tok, qs = built['vqa'], built['tokenizer'], built['questions']
+  by_qid = {q['question_id']: q for q in qs['val']}
+  seen, lengths = [], set()
+  for p in range(3):
+    ev = dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, split='val',
+                                   process_index=p, process_count=3)
+    lengths.add(len(ev))
+    for batch in ev:
+      _check_vqa_rows(batch, by_qid, built['feats'], expected_vocab(qs), tok)
+      seen += batch['question_id'][batch['example_mask']].tolist()
+  assert lengths == {1} and sorted(seen) == sorted(by_qid)  # ceil(ceil(11/3)/6) = 1
+  annotations = dr.vqa_annotations(ev.split_index)
+  with open(built['root'] / 'vqa_manual' / vqa_v2.FILES['val'][1]) as f:
+    official = json.load(f)['annotations']
+  for ann in official:
+    for a in ann['answers']:
+      del a['answer_confidence']
+  assert annotations == official
+  # Any predictions score the same against both, and as by hand.
+  rng = np.random.default_rng(0)
+  results = [{'question_id': q, 'answer': POOL[rng.integers(len(POOL))]} for q in by_qid]
+  got = vqa_eval.vqa_accuracy(results, annotations, digits=None)
+  assert got == vqa_eval.vqa_accuracy(results, {'annotations': official}, digits=None)
+  hand = np.mean([hand_accuracy(r['answer'], by_qid[r['question_id']]['answers'])
+                  for r in results])
+  assert got['overall'] == pytest.approx(100 * hand)
+  test = dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, split='test_dev')
+  assert dr.vqa_annotations(test.split_index) is None
+  assert sorted(test.ids) == sorted(q['question_id'] for q in qs['test_dev'])
+
+
+def _ref_table():
+  return {sid: (ref_id, ann_id, image_id, split, raw)
+          for ref_id, ann_id, image_id, split, sents in ref_sentences() for sid, raw in sents}
+
+
+@pytest.mark.parametrize('kind', ['gt', 'det'])
+def test_refcoco_batches_and_region_setting(built, kind):
+  builder, tok = built['refs'][kind], built['tokenizer']
+  regions_of = gt_regions if kind == 'gt' else det_regions
+  table = _ref_table()
+  by_ref = {}
+  for ref_id, ann_id, image_id, split, raw in table.values():
+    by_ref.setdefault(ref_id, []).append((ann_id, image_id, split, raw))
+  datasets = {}
+  for split in ('val', 'testA', 'testB'):
+    ev = dr.make_task_eval_dataset(builder, SPEC, task='re', tokenizer=tok, split=split)
+    datasets[split] = ev
+    (batch,) = list(ev)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        **COMMON, 'img_boxes': ((6, 5, 4), np.float32), 'target_region': ((6,), np.int32),
+        'gt_box': ((6, 4), np.float32), 'ref_id': ((6,), np.int64)}
+    keep = batch['example_mask']
+    assert keep.sum() == 3 and sorted(ev.split_index.sent_ids) == sorted(
+        s for s, v in table.items() if v[3] == split)
+    for i in np.flatnonzero(keep):
+      ((ann_id, image_id, s, _), *_) = by_ref[int(batch['ref_id'][i])]
+      assert s == split and batch['image_id'][i] == image_id
+      regions = np.float32(regions_of(image_id))
+      np.testing.assert_allclose(batch['img_boxes'][i, :len(regions)], regions, atol=1e-3)
+      assert not batch['img_boxes'][i, len(regions):].any()
+      gt = xyxy(ann_box(image_id, ann_id % 10))
+      np.testing.assert_allclose(batch['gt_box'][i], gt)
+      assert batch['target_region'][i] == np.argmax([np_iou(gt, r) for r in regions])
+    assert (batch['ref_id'][~keep] == -1).all() and not batch['img_mask'][~keep].any()
+  setting, why = grounding.region_setting('examples', datasets)
+  assert setting == kind, why
+  it = dr.make_task_train_iterator(builder, SPEC, task='re', tokenizer=tok, seed=1)
+  batch = next(it)
+  for i in range(6):
+    sid = [s for s, v in table.items() if v[0] == batch['ref_id'][i]]
+    assert table[sid[0]][3] == 'train'
+    texts = [table[s][4] for s in sid]
+    ids = batch['input_ids'][i, 1:batch['txt_mask'][i].sum() - 1].tolist()
+    assert ids in [tok.encode(t) for t in texts]
+  tight = BatchSpec(batch_size=6, max_text_len=16, max_regions=1, feature_dim=D)
+  with pytest.raises(ValueError, match=r"split 'val' of refcoco.*refers to region 1.*"
+                                       r"max_regions=1"):
+    dr.make_task_eval_dataset(builder, tight, task='re', tokenizer=tok, split='val')
+
+
+@pytest.mark.parametrize('task', ['vqa', 're'])
+def test_generic_decoding_reads_the_same(built, task, monkeypatch):
+  builder = built['vqa'] if task == 'vqa' else built['refs']['det']
+  split = 'val'
+  fast = dr.ExampleIndex(builder, split, 0, 3, task=task, max_regions=5, num_images=8,
+                         num_answers=5)
+  fast_images = dr.RegionImages(builder, D)
+  assert fast_images._layout is not None
+  fast_records = fast_images.read([0, 2])
+  monkeypatch.setattr(dr.batching, 'tf_example_pb2', None)  # tfds' own decoder instead
+  slow = dr.ExampleIndex(builder, split, 0, 3, task=task, max_regions=5, num_images=8,
+                         num_answers=5)
+  slow_images = dr.RegionImages(builder, D)
+  assert slow_images._layout is None and len(fast) == len(slow) == 3
+  for name in dr.ExampleIndex._ATTRS:
+    a, b = getattr(fast, name), getattr(slow, name)
+    if isinstance(a, list) and a and isinstance(a[0], np.ndarray):
+      assert all(np.array_equal(x, y) for x, y in zip(a, b)), name
+    else:
+      np.testing.assert_array_equal(np.asarray(a, object), np.asarray(b, object), name)
+  for a, b in zip(fast_records, slow_images.read([0, 2])):
+    for key in ('image_id', 'features', 'img_pos', 'boxes'):
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_reader_errors(built, tmp_path):
+  builder, tok = built['vqa'], built['tokenizer']
+  with pytest.raises(ValueError, match=r"no example split 'testA'; it has \['test_dev', "
+                                       r"'train', 'val'\]"):
+    dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, split='testA')
+  with pytest.raises(ValueError, match='per-example fields'):
+    dr.layout(builder, 're')
+  with pytest.raises(ValueError, match=r'answers.json \(5 answers\).*\(2 answers\)'):
+    dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, answers=['a', 'b'])
+  wide = BatchSpec(batch_size=6, max_text_len=16, max_regions=5, feature_dim=2048)
+  with pytest.raises(ValueError, match='region features of dim 8, config expects '
+                                       'feature_dim=2048'):
+    dr.make_task_eval_dataset(builder, wide, task='vqa', tokenizer=tok)
+
+
+def test_tokenizer_resolution(built, tmp_path):
+  cfg = small('configs/finetune_vqa.py:size=tiny,data=vqa_v2', built['vqa'].data_dir)
+  with pytest.raises(FileNotFoundError, match=r'stores no tokenizer \(spm.model\) and '
+                                              'config.init_from is empty'):
+    task_data.tokenizer_path(cfg, built['vqa'])
+  spm = str(built['tokenizer'].path)
+  # A pretrained directory names its tokenizer file in config.json.
+  pre = tmp_path / 'pre'
+  pre.mkdir()
+  (pre / 'config.json').write_text(json.dumps({
+      'format': pretrained.FORMAT, 'format_version': pretrained.FORMAT_VERSION,
+      'tokenizer': {'type': 'sentencepiece', 'file': 'spm.model'}}))
+  cfg.init_from = str(pre)
+  assert task_data.tokenizer_path(cfg, built['vqa']) == str(pre / 'spm.model')
+  # A training workdir: the model_info of its latest checkpoint.
+  work = tmp_path / 'work'
+  ckpt = ckpt_lib.Checkpointer(str(work / 'checkpoints'), save_every=1, keep=1)
+  ckpt.save(3, {'x': np.zeros(2)}, {'model_info': {'tokenizer': spm}}, force=True)
+  ckpt.close()
+  cfg.init_from = str(work)
+  assert task_data.tokenizer_path(cfg, built['vqa']) == spm
+  cfg.tokenizer = '/explicit/spm.model'
+  assert task_data.tokenizer_path(cfg, built['vqa']) == '/explicit/spm.model'
+
+
+# ------------------------------------------------------------------ end to end
+def _config(spec, built, data_builder, **overrides):
+  cfg = small(spec, data_builder.data_dir, tokenizer=str(built['tokenizer'].path),
+              feature_dim=D, log_every=1, **overrides)
+  cfg.data = f'{data_builder.info.name}/{data_builder.builder_config.name}'
+  cfg.data_dir = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.fspath(data_builder.data_dir))))  # <data_dir>/<name>/<config>/<version>
+  return cfg
+
+
+@pytest.mark.slow
+def test_vqa_v2_finetune_val_and_test_dev(built, tmp_path):
+  cfg = _config('configs/finetune_vqa.py:size=tiny,data=vqa_v2', built, built['vqa'],
+                total_steps=8, batch_size=8, eval_batch_size=8)
+  work = str(tmp_path)
+  out = loop.train_and_evaluate(cfg, work, devices=ONE, job_factory=downstream.job_factory(cfg))
+  with open(os.path.join(work, 'metrics.jsonl')) as f:
+    assert all(np.isfinite(r['loss/vqa']) for r in map(json.loads, f))
+  qs = {q['question_id']: q for q in built['questions']['val']}
+  results = vqa_eval.read_results(out['results_file'])
+  assert sorted(r['question_id'] for r in results) == sorted(qs)
+  vocab = expected_vocab(built['questions'])
+  assert all(r['answer'] in vocab for r in results)
+  hand = [hand_accuracy(r['answer'], qs[r['question_id']]['answers']) for r in results]
+  assert out['vqa_acc'] == round(100 * np.mean(hand), 2) and out['num_questions'] == 11
+  for atype in ('yes/no', 'number', 'other'):
+    mine = [h for r, h in zip(results, hand) if qs[r['question_id']]['answer_type'] == atype]
+    if mine:
+      assert out['vqa_acc_per_answer_type'][atype] == round(100 * np.mean(mine), 2)
+  # test_dev: no answers, so a results file for the server and no accuracy.
+  cfg.eval_split = 'test_dev'
+  test = loop.evaluate_checkpoint(cfg, work, devices=ONE,
+                                  job_factory=downstream.job_factory(cfg))
+  assert test['vqa_acc'] is None and 'no answers' in test['note']
+  assert sorted(r['question_id'] for r in vqa_eval.read_results(test['results_file'])) == \
+      sorted(q['question_id'] for q in built['questions']['test_dev'])
+  assert os.path.exists(os.path.join(work, 'eval_test_dev.json'))
+
+
+@pytest.mark.slow
+def test_refcoco_finetune_gt_and_det_settings(built, tmp_path):
+  gt, det = built['refs']['gt'], built['refs']['det']
+  det_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.fspath(det.data_dir))))
+  cfg = _config('configs/finetune_refcoco.py:size=tiny,data=refcoco', built, gt,
+                total_steps=6, batch_size=8, eval_batch_size=8, max_regions=5,
+                det_data_dir=det_dir)
+  out = loop.train_and_evaluate(cfg, str(tmp_path), devices=ONE,
+                                job_factory=downstream.job_factory(cfg))
+  assert out['setting'] == 'gt' and out['settings']['det'].startswith('evaluated on')
+  with open(out['predictions_file']) as f:
+    predictions = json.load(f)
+  table = _ref_table()
+  for setting, regions_of in (('gt', gt_regions), ('det', det_regions)):
+    for split in ('val', 'testA', 'testB'):
+      rows = predictions[setting][split]
+      assert sorted(r['sent_id'] for r in rows) == sorted(
+          s for s, v in table.items() if v[3] == split)
+      hits = []
+      for r in rows:
+        ref_id, ann_id, image_id, _, _ = table[r['sent_id']]
+        assert r['ref_id'] == ref_id
+        regions = np.asarray(regions_of(image_id), np.float64)
+        assert np.abs(regions - r['pred_box']).max(axis=1).min() < 1e-3  # one of its regions
+        gt_box = xyxy(ann_box(image_id, ann_id % 10))
+        np.testing.assert_allclose(r['gt_box'], gt_box)
+        hits.append(np_iou(r['pred_box'], gt_box) >= 0.5)
+      assert out[f'grounding_acc_{setting}/{split}'] == pytest.approx(100 * np.mean(hits))
+      assert out['counts'][setting][split] == len(rows) == 3
+  assert out['grounding_acc'] == out['grounding_acc/val'] == out['grounding_acc_gt/val']
+  # Without det_data_dir the det setting is reported as not evaluated, with the reason.
+  cfg.det_data_dir = ''
+  again = loop.evaluate_checkpoint(cfg, str(tmp_path), devices=ONE,
+                                   job_factory=downstream.job_factory(cfg))
+  assert again['settings']['det'].startswith('not evaluated') and 'det_data_dir' in \
+      again['settings']['det']
+  assert again['grounding_acc/testB'] == out['grounding_acc_gt/testB']
+  assert 'grounding_acc_det/val' not in again
