@@ -9,20 +9,20 @@
 #   launch/tpu_vm.sh ssh NAME [WORKER]      # a shell on one worker (default 0)
 #   launch/tpu_vm.sh delete NAME
 #
-# Example (UNITER-base on a v5e-16, data and checkpoints in a bucket):
+# Example (UNITER-base on a v5e-16; /mnt/shared is a file system every worker mounts,
+# e.g. Filestore, since all workers write their shards of each checkpoint there):
 #   ZONE=us-west4-a ACCELERATOR=v5litepod-16 launch/tpu_vm.sh up vlp-base -- \
 #     --config=configs/uniter_base.py --config.data=coco_karpathy \
-#     --config.data_dir=gs://BUCKET/tfds --workdir=gs://BUCKET/runs/base \
+#     --config.data_dir=/mnt/shared/tfds --workdir=/mnt/shared/runs/base \
 #     --config.sharding=fsdp --config.mesh.data=1 --config.mesh.fsdp=-1 \
 #     --config.compute_dtype=bfloat16
-#
 # Every worker must run the command: a worker left out makes the others wait in
 # jax.distributed.initialize until --distributed_timeout. Environment: ZONE
 # (required), PROJECT (default: gcloud's), ACCELERATOR, VERSION (runtime image),
-# SPOT=1 for spot capacity, and TFDS_DATA_DIR, forwarded to the workers.
+# SPOT=1 for spot capacity; TFDS_DATA_DIR, PYTHON, VENV and VLP_* are forwarded.
 set -euo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 2 ]] || usage
 cmd=$1 name=$2; shift 2
 
@@ -52,9 +52,11 @@ copy() {
 
 run() {
   [[ $# -ge 1 && "$1" == "--" ]] && shift
-  local args env=""
+  local args env="" var
   args="$(printf '%q ' "$@")"
-  [[ -n "${TFDS_DATA_DIR:-}" ]] && env="TFDS_DATA_DIR=$(printf '%q' "$TFDS_DATA_DIR") "
+  for var in TFDS_DATA_DIR PYTHON VENV $(compgen -e | grep '^VLP_' || true); do
+    [[ -n "${!var:-}" ]] && env+="${var}=$(printf '%q' "${!var}") "
+  done
   "${gc[@]}" ssh "$name" "${where[@]}" --worker=all \
       --command="cd ~/vlp && ${env}bash launch/tpu_worker.sh ${args}"
 }

@@ -2,7 +2,7 @@
 # Runs vlp on one Cloud TPU VM worker; `tpu_vm.sh run` starts it on every worker at once.
 #
 #   bash launch/tpu_worker.sh [MODULE] ARGS...     (MODULE defaults to vlp.pretrain)
-#   bash launch/tpu_worker.sh --config=configs/uniter_base.py --workdir=gs://BUCKET/run1 \
+#   bash launch/tpu_worker.sh --config=configs/uniter_base.py --workdir=/mnt/shared/run1 \
 #       --config.sharding=fsdp --config.compute_dtype=bfloat16
 #
 # The first run on a worker creates $VENV (default ~/vlp_venv) with the pinned
@@ -10,13 +10,24 @@
 # runs `python -m MODULE ARGS...`. Every worker runs the same command: JAX detects the
 # TPU pod (workers, coordinator) from the TPU metadata and `vlp.dist.runtime` calls
 # `jax.distributed.initialize`, so no process id or address is passed here.
-# Environment passed through: TFDS_DATA_DIR, VLP_* and anything exported before.
+# The workdir must be on a file system all workers share. Environment passed
+# through: TFDS_DATA_DIR, VLP_*, PYTHON, VENV and anything exported before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${VENV:-$HOME/vlp_venv}"
+PYTHON="${PYTHON:-python3}"
 if [[ ! -f "$VENV/.vlp_ready" ]]; then
-  python3 -m venv "$VENV"
+  # The pinned numpy needs Python 3.11+. TPU VM images with an older python3: install
+  # one on every worker (e.g. deadsnakes' python3.11) and set PYTHON=python3.11.
+  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "tpu_worker: $("$PYTHON" --version 2>&1) is too old; set PYTHON to a Python >= 3.11" >&2
+    exit 2; }
+  if ! "$PYTHON" -m venv "$VENV"; then  # Debian/Ubuntu ship venv separately.
+    ver="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    sudo apt-get update -qq && sudo apt-get install -y -qq "python${ver}-venv"
+    "$PYTHON" -m venv "$VENV"
+  fi
   "$VENV/bin/pip" install -q --upgrade pip
   jax_version="$(sed -n 's/^jax==//p' requirements.txt)"
   "$VENV/bin/pip" install -q -r requirements.txt "jax[tpu]==${jax_version}"

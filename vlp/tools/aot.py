@@ -3,23 +3,30 @@ r"""Ahead-of-time check: compile the train step for a target topology, no hardwa
   # 8 CPU devices standing in for 8 accelerators (works anywhere):
   python -m vlp.tools.aot --config=configs/uniter_base.py --topology=cpu:8 \
       --config.sharding=fsdp --config.mesh.fsdp=8 --config.mesh.data=1
-  # A TPU pod slice, compile-only (needs libtpu: pip install "jax[tpu]"):
-  python -m vlp.tools.aot --config=configs/uniter_base.py --topology=v5e:16x16 \
-      --config.sharding=fsdp --config.mesh.fsdp=16 --config.compute_dtype=bfloat16
+  # A TPU pod slice, compile-only. With libtpu installed (pip install "jax[tpu]",
+  # no TPU needed) XLA compiles for the TPU; without it the slice stands in as one
+  # forced CPU device per chip (exact shardings and parameter / optimizer bytes,
+  # CPU compiler figures for temporaries and FLOPs):
+  python -m vlp.tools.aot --config=configs/uniter_base.py --topology=v5e:4x4 \
+      --config.sharding=fsdp --config.mesh.fsdp=16 --config.mesh.data=1 \
+      --config.compute_dtype=bfloat16
 
 The mesh, sharding, batch and model come from the config exactly as in
 `vlp.pretrain`; the train step is the one the loop runs (`vlp.train.step`),
 lowered on abstract shapes (nothing is allocated) and compiled by XLA for the
 target devices. Prints, per device: parameter and optimizer-state bytes (exact,
 from the shardings), then per task the compiled step's memory analysis
-(arguments, outputs, temporaries, i.e. activations and workspace) and FLOPs,
-and finally one JSON line with everything.
+(arguments, outputs, temporaries, i.e. activations and workspace) and FLOPs
+(XLA's count and the analytic model count), and finally one JSON line with
+everything.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
+import math
 import re
 import sys
 from typing import Any, Sequence
@@ -32,8 +39,9 @@ from vlp import config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", "cpu:8", "cpu:N (N host devices) or a TPU topology such as v5e:4x4, "
-    "v5p:2x2x2, v4:2x2x2 (compile-only, needs libtpu).")
+    "topology", "cpu:8", "cpu:N (N forced host CPU devices) or a TPU topology such as "
+    "v5e:4x4, v5p:2x2x2, v4:2x2x2 (compiled for TPU where libtpu is installed, else "
+    "one CPU device per chip).")
 _TASKS = flags.DEFINE_list("tasks", None, "Tasks to compile (default: config.tasks).")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0: config.batch_size).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0: the size's default).")
@@ -41,28 +49,53 @@ _COMPILE = flags.DEFINE_bool("compile", True, "Compile the steps (else: sharding
                              "parameter / optimizer bytes only, in seconds).")
 
 _CPU = re.compile(r"^cpu(?::(\d+))?$")
+_TPU = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+)*)$")  # v5e:4x4, v5p:2x2x2, v4:2x2x2.
+
+
+def libtpu_available() -> bool:
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def resolve_topology(topology: str) -> tuple[str, int | None]:
+  """("cpu", N) or ("tpu", None) for a --topology value.
+
+  A TPU name compiles for that TPU where libtpu is installed (no TPU needed);
+  elsewhere it stands in as one forced CPU device per chip, so the mesh, the
+  shardings and the parameter / optimizer bytes per device are those of the
+  slice (XLA's memory and FLOP figures are then the CPU compiler's).
+  """
+  m = _CPU.match(topology)
+  if m:
+    return "cpu", int(m.group(1)) if m.group(1) else None
+  m = _TPU.match(topology)
+  if m:
+    if libtpu_available():
+      return "tpu", None
+    return "cpu", math.prod(int(d) for d in m.group(2).split("x"))
+  raise ValueError(f"--topology={topology!r} is neither cpu:N nor a TPU topology such as "
+                   f"v5e:4x4, v5p:2x2x2 or v4:2x2x2")
 
 
 def topology_devices(topology: str) -> list:
   """The devices to compile for: host CPU devices, or compile-only TPU devices."""
   import jax
-  m = _CPU.match(topology)
-  if m:
+  kind, n = resolve_topology(topology)
+  if kind == "cpu":
     cpus = jax.devices("cpu")
-    n = int(m.group(1) or len(cpus))
+    n = n or len(cpus)
     if len(cpus) < n:
       raise ValueError(
           f"--topology={topology} needs {n} CPU devices but this process has {len(cpus)}; "
-          f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting it")
+          f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting it "
+          f"(the command line does this itself)")
     return cpus[:n]
   from jax.experimental import topologies
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
-  except Exception as e:  # libtpu missing, or a name it does not know.
-    raise ValueError(
-        f"--topology={topology!r}: could not describe this TPU topology ({e}). Use cpu:N, "
-        f"or install libtpu (pip install 'jax[tpu]=={jax.__version__}'; no TPU needed) and "
-        f"a name like v5e:4x4, v5p:2x2x2, v4:2x2x2") from e
+  except Exception as e:  # A name this libtpu does not know.
+    raise ValueError(f"--topology={topology!r}: libtpu could not describe this TPU "
+                     f"topology ({e}); try a name like v5e:4x4, v5p:2x2x2 or v4:2x2x2, "
+                     f"or cpu:N") from e
 
 
 def per_device_bytes(tree: Any) -> int:
@@ -78,8 +111,12 @@ def per_device_bytes(tree: Any) -> int:
 
 def report(config, devices: Sequence, *, tasks: Sequence[str] | None = None,
            batch: int | None = None, vocab_size: int | None = None,
-           compile_steps: bool = True) -> dict[str, Any]:
-  """Compiles each task's train step for `devices`; returns sizes and FLOPs."""
+           compile_steps: bool = True, topology: str | None = None) -> dict[str, Any]:
+  """Compiles each task's train step for `devices`; returns sizes and FLOPs.
+
+  `compile_steps=False` only derives the shardings and the parameter and
+  optimizer bytes per device (no XLA compilation: seconds even for big models).
+  """
   import jax
   from vlp.dist import logical, mesh as mesh_lib, sharding as sharding_lib
   from vlp.models.pretraining import UniterForPretraining
@@ -102,7 +139,9 @@ def report(config, devices: Sequence, *, tasks: Sequence[str] | None = None,
                   mrm_predictions=config.max_mrm_predictions)
   mib = lambda b: round(b / 2**20, 2)
   out: dict[str, Any] = {
-      "topology": _topology_name(devices), "num_devices": len(devices),
+      "topology": topology or f"{devices[0].platform}:{len(devices)}",
+      "platform": devices[0].platform,
+      "num_devices": len(devices),
       "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
       "sharding": config.sharding, "model": config.model.size, "batch": batch,
       "dtype": config.compute_dtype,
@@ -138,41 +177,50 @@ def report(config, devices: Sequence, *, tasks: Sequence[str] | None = None,
   return out
 
 
-def _topology_name(devices) -> str:
-  d = devices[0]
-  return f"{d.platform}:{len(devices)}" if d.platform == "cpu" else _TOPOLOGY.value
-
-
 def format_report(r: dict) -> str:
+  stand_in = (" standing in for the TPU slice (libtpu is not installed)"
+              if r["platform"] == "cpu" and _TPU.match(r["topology"]) else "")
   lines = [
-      f"{r['topology']}: {r['num_devices']} x {r['device_kind']}, mesh {r['mesh']}, "
+      f"{r['topology']}: {r['num_devices']} x {r['device_kind']}{stand_in}, mesh {r['mesh']}, "
       f"sharding {r['sharding']!r}, model {r['model']} ({r['params'] / 1e6:.1f}M params), "
       f"batch {r['batch']}, {r['dtype']}",
       f"per device: parameters {r['params_mib_per_device']:.1f} MiB, optimizer state "
       f"{r['opt_state_mib_per_device']:.1f} MiB, together {r['params_opt_mib_per_device']:.1f} MiB",
-      f"{'task':<7}{'args':>10}{'outputs':>10}{'aliased':>10}{'temps':>10}{'total':>10}"
-      f"{'GFLOP (XLA)':>13}{'GFLOP (model)':>15}   (MiB and GFLOP per device and step)",
   ]
+  if not r["tasks"]:
+    return "\n".join(lines)
+  lines.append(f"{'task':<7}{'args':>10}{'outputs':>10}{'aliased':>10}{'activ.':>10}"
+               f"{'total':>10}{'GFLOP (XLA)':>13}{'GFLOP (model)':>15}   (MiB and GFLOP "
+               f"per device and step)")
   for task, t in r["tasks"].items():
     lines.append(
         f"{task:<7}{t['argument_mib_per_device']:>10.1f}{t['output_mib_per_device']:>10.1f}"
         f"{t['alias_mib_per_device']:>10.1f}{t['temp_mib_per_device']:>10.1f}"
         f"{t['total_mib_per_device']:>10.1f}{t['xla_gflops_per_device']:>13.1f}"
         f"{t['model_gflops_per_device']:>15.1f}")
+  lines.append("activ. = XLA temporaries (activations, gradients, workspace); total = args + "
+               "outputs - aliased + activ.")
   return "\n".join(lines)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  m = _CPU.match(_TOPOLOGY.value)
-  if m and m.group(1):
-    import jax
-    # Before the backend starts (this setting overrides XLA_FLAGS' device count).
-    jax.config.update("jax_num_cpu_devices", int(m.group(1)))
-  devices = topology_devices(_TOPOLOGY.value)
-  r = report(_CONFIG.value, devices, tasks=_TASKS.value, batch=_BATCH.value or None,
-             vocab_size=_VOCAB.value or None, compile_steps=_COMPILE.value)
+  try:
+    kind, num_cpus = resolve_topology(_TOPOLOGY.value)
+    if kind == "cpu":
+      import jax
+      # Before any backend starts: CPU only (an idle GPU stays untouched), and the
+      # device count (this setting overrides XLA_FLAGS' count).
+      jax.config.update("jax_platforms", "cpu")
+      if num_cpus:
+        jax.config.update("jax_num_cpu_devices", num_cpus)
+    devices = topology_devices(_TOPOLOGY.value)
+    r = report(_CONFIG.value, devices, tasks=_TASKS.value, batch=_BATCH.value or None,
+               vocab_size=_VOCAB.value or None, compile_steps=_COMPILE.value,
+               topology=_TOPOLOGY.value)
+  except ValueError as e:  # A topology, mesh or rule table that does not fit.
+    sys.exit(f"vlp.tools.aot: {e}")
   print(format_report(r))
   print(json.dumps(r), flush=True)
 
