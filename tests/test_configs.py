@@ -50,6 +50,17 @@ def test_unknown_override_is_a_clear_flag_error():
 
 
 def test_check_overrides_accepts_nested_known_keys():
-  # Known nested keys pass (no exit).
-  config_lib.check_overrides(["prog", "--config=configs/uniter_base.py:tiny",
-                              "--config.optimizer.learning_rate=0.1", "--config.mesh.data=1"])
+  # Known nested keys pass: no SystemExit, nothing returned.
+  assert config_lib.check_overrides(
+      ["prog", "--config=configs/uniter_base.py:tiny",
+       "--config.optimizer.learning_rate=0.1", "--config.mesh.data=1"]) is None
+  keys = config_lib.valid_keys(config_lib.load_config_file("configs/uniter_base.py:tiny"))
+  assert {"optimizer.learning_rate", "mesh.data"} <= set(keys)
+
+
+def test_set_values_sets_dotted_keys_and_refuses_unknown_ones():
+  cfg = config_lib.load_config_file("configs/uniter_base.py:tiny")
+  out = config_lib.set_values(cfg, {"optimizer.learning_rate": 0.5, "batch_size": 8})
+  assert out is cfg and cfg.optimizer.learning_rate == 0.5 and cfg.batch_size == 8
+  with pytest.raises(KeyError, match="optimizer.no_such_key"):
+    config_lib.set_values(cfg, {"optimizer.no_such_key": 1})

@@ -8,7 +8,6 @@ negatives the loss must pick are known in numpy. The last tests train the real
 tiny models for 30 steps on a fixed batch and require each loss to fall.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +21,7 @@ from vlp.models.downstream import UniterForGrounding, UniterForRetrieval, Uniter
 from vlp.models.uniter_config import model_config
 from vlp.tasks import distill, grounding, retrieval_ft, vqa
 
-
-@functools.lru_cache(maxsize=None)
-def _jitted(loss_fn, kwargs, grad):
-  fn = functools.partial(loss_fn, **dict(kwargs))
-  if grad:
-    fn = jax.value_and_grad(fn, has_aux=True)
-  return jax.jit(fn)
-
-
-def _run(loss_fn, model, batch, rng=None, *, grad=False, **kwargs):
-  """Jitted loss; with `grad` returns ((loss, metrics), d loss / d fake model)."""
-  return _jitted(loss_fn, tuple(sorted(kwargs.items())), grad)(model, batch, rng)
+from loss_harness import run_loss
 
 
 def _sigmoid(x):
@@ -87,7 +75,7 @@ def _bce_numpy(x, y):
 
 def test_vqa_bce_times_num_answers_and_score():
   logits, targets, batch = _vqa_case()
-  (loss, metrics), grads = _run(vqa.vqa_loss, FakeHeads({"vqa_logits": logits}, dropout=True),
+  (loss, metrics), grads = run_loss(vqa.vqa_loss, FakeHeads({"vqa_logits": logits}, dropout=True),
                                 batch, jax.random.key(0), grad=True)
   # Mean over all 2 x 4 cells, times 4 answers.
   np.testing.assert_allclose(loss, _bce_numpy(logits, targets).mean() * 4, rtol=1e-6)
@@ -103,13 +91,13 @@ def test_vqa_example_mask_and_extreme_logits():
   logits, targets, batch = _vqa_case()
   logits[1] = [500.0, -500.0, 1e4, 0.0]  # padded row: garbage, must not matter
   batch = dict(batch, example_mask=np.array([True, False]))
-  loss, metrics = _run(vqa.vqa_loss, FakeHeads({"vqa_logits": logits}), batch)
+  loss, metrics = run_loss(vqa.vqa_loss, FakeHeads({"vqa_logits": logits}), batch)
   np.testing.assert_allclose(loss, _bce_numpy(logits[0], targets[0]).sum(), rtol=1e-6)
   np.testing.assert_allclose(metrics["vqa_score"], 1.0)
   # Large logits stay finite (stable form): bce(100, 0) = 100, bce(-100, 1) = 100.
   big = {"vqa_logits": np.array([[100.0, -100.0, 0.0, 0.0]] * 2, np.float32)}
   hard = dict(batch, vqa_targets=np.array([[0, 1, 0, 0]] * 2, np.float32))
-  loss, _ = _run(vqa.vqa_loss, FakeHeads(big), hard)
+  loss, _ = run_loss(vqa.vqa_loss, FakeHeads(big), hard)
   np.testing.assert_allclose(loss, 200.0 + 2 * np.log(2.0), rtol=1e-6)
 
 
@@ -136,10 +124,10 @@ def test_grounding_masked_ce_sum_and_mean():
   model = FakeHeads({"region_scores": scores}, dropout=False)
   ce = [_region_ce(scores[b], batch["img_mask"][b], t)
         for b, t in enumerate(batch["target_region"])]
-  loss, metrics = _run(grounding.grounding_loss, model, batch)
+  loss, metrics = run_loss(grounding.grounding_loss, model, batch)
   np.testing.assert_allclose(loss, np.sum(ce), rtol=1e-5)
   np.testing.assert_allclose(metrics["grounding_ce"], np.mean(ce), rtol=1e-5)
-  loss_mean, _ = _run(grounding.grounding_loss, model, batch, reduction="mean")
+  loss_mean, _ = run_loss(grounding.grounding_loss, model, batch, reduction="mean")
   np.testing.assert_allclose(loss_mean, np.mean(ce), rtol=1e-5)
   # Accuracy over real regions only: the 50.0 padded scores are never predicted.
   pred = [np.argmax(np.where(m, s, -np.inf)) for s, m in zip(scores, batch["img_mask"])]
@@ -153,7 +141,7 @@ def test_grounding_masked_ce_sum_and_mean():
 def test_grounding_example_mask_and_padded_region_gradient():
   scores, batch = _grounding_case()
   masked = dict(batch, example_mask=np.array([True, False, True]))
-  (loss, metrics), grads = _run(grounding.grounding_loss, FakeHeads({"region_scores": scores}),
+  (loss, metrics), grads = run_loss(grounding.grounding_loss, FakeHeads({"region_scores": scores}),
                                 masked, grad=True)
   ce = [_region_ce(scores[b], batch["img_mask"][b], batch["target_region"][b])
         for b in (0, 2)]
@@ -288,7 +276,7 @@ def test_candidate_mask_excludes_self_padding_and_same_image():
 def test_retrieval_ft_matches_numpy(num_anchors, chunk):
   b, n = 7, 3
   m_eval, m_train = _rand(b, 0)
-  loss, metrics = _run(retrieval_ft.retrieval_ft_loss, FakeRanker(m_eval, m_train),
+  loss, metrics = run_loss(retrieval_ft.retrieval_ft_loss, FakeRanker(m_eval, m_train),
                        _pairs_batch(b), jax.random.key(0), num_hard_negatives=n,
                        num_anchors=num_anchors, score_chunk=chunk)
   anchors = range(num_anchors or b)
@@ -315,7 +303,7 @@ def test_retrieval_ft_padding_and_same_image_rows():
   m_eval[:, 5] = m_eval[5, :] = 9.0
   m_eval[0, 2] = m_eval[2, 0] = 8.0
   batch = _pairs_batch(b, example_mask=real, image_id=image_id)
-  loss, metrics = _run(retrieval_ft.retrieval_ft_loss, FakeRanker(m_eval, m_train), batch,
+  loss, metrics = run_loss(retrieval_ft.retrieval_ft_loss, FakeRanker(m_eval, m_train), batch,
                        jax.random.key(0), num_hard_negatives=n)
   want, picked = _retrieval_numpy(m_eval, m_train, real, image_id, n, range(b))
   np.testing.assert_allclose(loss, want["t2i"] + want["i2t"], rtol=1e-5)
@@ -324,7 +312,7 @@ def test_retrieval_ft_padding_and_same_image_rows():
   # Dropping the padded row from the batch altogether gives the same loss.
   keep = np.flatnonzero(real)
   small = _pairs_batch(len(keep), image_id=np.asarray(image_id)[keep], ids=keep)
-  loss_small, _ = _run(retrieval_ft.retrieval_ft_loss, FakeRanker(m_eval, m_train), small,
+  loss_small, _ = run_loss(retrieval_ft.retrieval_ft_loss, FakeRanker(m_eval, m_train), small,
                        jax.random.key(0), num_hard_negatives=n)
   np.testing.assert_allclose(loss_small, loss, rtol=1e-6)
 
@@ -332,7 +320,7 @@ def test_retrieval_ft_padding_and_same_image_rows():
 def test_retrieval_ft_gradient_reaches_exactly_the_trained_pairs():
   b, n = 6, 2
   m_eval, m_train = _rand(b, 2)
-  (_, _), grads = _run(retrieval_ft.retrieval_ft_loss, FakeRanker(m_eval, m_train),
+  (_, _), grads = run_loss(retrieval_ft.retrieval_ft_loss, FakeRanker(m_eval, m_train),
                        _pairs_batch(b), jax.random.key(0), grad=True, num_hard_negatives=n,
                        margin=3.0)  # every hinge active
   assert np.all(np.asarray(grads.m_eval) == 0)  # scoring pass is stop_gradient
@@ -381,7 +369,7 @@ def test_distill_kl_and_contrastive_match_numpy():
   image_id = [3, 4, 3, 5, 6]
   model = FakeRanker(m_eval * 3.0, txt_emb=t, img_emb=v)
   batch = _pairs_batch(b, example_mask=real, image_id=image_id)
-  (loss, metrics), grads = _run(distill.distill_loss, model, batch, jax.random.key(1),
+  (loss, metrics), grads = run_loss(distill.distill_loss, model, batch, jax.random.key(1),
                                 grad=True, contrastive_weight=0.5, teacher_temperature=2.0)
   want, kd, nc = _distill_numpy(m_eval * 3.0, cos, real, image_id, tau_t=2.0, w_nce=0.5)
   np.testing.assert_allclose(metrics["loss/distill_kd"], kd, rtol=1e-5)
@@ -391,7 +379,7 @@ def test_distill_kl_and_contrastive_match_numpy():
   assert np.abs(np.asarray(grads.txt_emb)[real]).max() > 0
   assert np.all(np.asarray(grads.txt_emb)[~real] == 0)  # the padded row
   # Without the contrastive weight the term is not computed.
-  loss_kd, m = _run(distill.distill_loss, model, batch, None, teacher_temperature=2.0)
+  loss_kd, m = run_loss(distill.distill_loss, model, batch, None, teacher_temperature=2.0)
   np.testing.assert_allclose(loss_kd, kd, rtol=1e-5)
   assert float(m["loss/distill_nce"]) == 0.0
 
@@ -400,14 +388,14 @@ def test_distill_is_zero_when_student_reproduces_teacher():
   b = 6
   t, v, cos = _emb(b, 6)
   model = FakeRanker(6.0 * cos, txt_emb=t, img_emb=v)
-  loss, metrics = _run(distill.distill_loss, model, _pairs_batch(b), None)
+  loss, metrics = run_loss(distill.distill_loss, model, _pairs_batch(b), None)
   assert abs(float(loss)) < 1e-5
   np.testing.assert_allclose(metrics["distill_top1_agree"], 1.0)
   ir = np.mean(np.argmax(cos, axis=1) == np.arange(b))
   np.testing.assert_allclose(metrics["distill_ir_r1"], ir)
   # A precomputed teacher in the batch replaces the cross-encoder.
   other = dict(_pairs_batch(b), teacher_scores=np.zeros((b, b), np.float32))
-  loss_u, _ = _run(distill.distill_loss, model, other, None)
+  loss_u, _ = run_loss(distill.distill_loss, model, other, None)
   want, _, _ = _distill_numpy(np.zeros((b, b)), cos, np.ones(b, bool), None)
   np.testing.assert_allclose(loss_u, want, rtol=1e-5)
   assert float(loss_u) > 0.01

@@ -37,13 +37,7 @@ def small(config_file, data_dir, **overrides):
                    "model.intermediate_size": 64, "model.hidden_dropout": 0.0,
                    "model.attention_dropout": 0.0})
   values.update(overrides)
-  for k, v in values.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return config_lib.set_values(c, values)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ The fake model returns a sequence we choose and its heads are fixed linear maps
 (identity unless stated), so every logit the loss sees is known in the test.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,8 @@ from flax import nnx
 
 from vlp import tasks
 from vlp.tasks import itm, mlm, mrm
+
+from loss_harness import run_loss
 
 B, T, K, H = 2, 4, 3, 5
 
@@ -79,25 +80,6 @@ def _seq(seed=0):
   return rng.normal(size=(B, T + K, H)).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(loss_fn, kwargs, grad):
-  fn = functools.partial(loss_fn, **dict(kwargs))
-  if grad:
-    fn = jax.value_and_grad(fn, has_aux=True)
-  return jax.jit(fn)
-
-
-def _run(loss_fn, model, batch, rng=None, *, grad=False, **kwargs):
-  """Jitted loss call, compiled once per loss, kwargs, shapes and `grad`.
-
-  Returns:
-    (loss, metrics), or with `grad` ((loss, metrics), d loss / d model) where
-    the gradient is a FakeModel of arrays.
-  """
-  fn = _jitted(loss_fn, tuple(sorted(kwargs.items())), grad)
-  return fn(model, batch, rng)
-
-
 def _log_softmax(x):
   x = x - x.max(-1, keepdims=True)
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -111,7 +93,7 @@ _MLM = dict(mlm_positions=np.array([[1, 2], [3, 0]], np.int32),
 
 
 def test_mlm_uniform_logits_give_log_vocab():
-  loss, metrics = _run(mlm.mlm_loss, FakeModel(np.zeros((B, T + K, H))),
+  loss, metrics = run_loss(mlm.mlm_loss, FakeModel(np.zeros((B, T + K, H))),
                                _batch(**_MLM))
   np.testing.assert_allclose(loss, np.log(H), rtol=1e-6)
   assert set(metrics) == {"loss/mlm", "mlm_acc"}
@@ -121,7 +103,7 @@ def test_mlm_matches_numpy_and_skips_unused_slots():
   seq = _seq()
   # The head only sees the gathered slots; no rng -> deterministic encode.
   model = FakeModel(seq, head_shape=(B, 2, H), dropout=False)
-  loss, metrics = _run(mlm.mlm_loss, model, _batch(**_MLM))
+  loss, metrics = run_loss(mlm.mlm_loss, model, _batch(**_MLM))
   # Masked tokens: (b0, pos1, label2), (b0, pos2, label4), (b1, pos3, label1).
   ce = [-_log_softmax(seq[b, p])[y]
         for b, p, y in [(0, 1, 2), (0, 2, 4), (1, 3, 1)]]
@@ -130,7 +112,7 @@ def test_mlm_matches_numpy_and_skips_unused_slots():
   # Accuracy: make the labels of two of the three masked tokens the argmax.
   seq2 = np.zeros((B, T + K, H), np.float32)
   seq2[0, 1, 2] = seq2[0, 2, 0] = seq2[1, 3, 1] = 5.0
-  _, metrics = _run(mlm.mlm_loss, FakeModel(seq2), _batch(**_MLM))
+  _, metrics = run_loss(mlm.mlm_loss, FakeModel(seq2), _batch(**_MLM))
   np.testing.assert_allclose(metrics["mlm_acc"], 2 / 3, rtol=1e-6)
   assert metrics["loss/mlm"].dtype == jnp.float32
 
@@ -139,26 +121,26 @@ def test_mlm_matches_numpy_and_skips_unused_slots():
   seq3[1, 0] = 1e3
   seq3[:, T:] = -7.0
   np.testing.assert_allclose(
-      _run(mlm.mlm_loss, FakeModel(seq3), _batch(**_MLM))[0], loss, rtol=1e-6)
+      run_loss(mlm.mlm_loss, FakeModel(seq3), _batch(**_MLM))[0], loss, rtol=1e-6)
 
 
 def test_example_mask_drops_padded_examples():
   seq = _seq()
   batch = _batch(example_mask=np.array([True, False]), **_MLM)
-  loss, _ = _run(mlm.mlm_loss, FakeModel(seq), batch)
+  loss, _ = run_loss(mlm.mlm_loss, FakeModel(seq), batch)
   ce = [-_log_softmax(seq[0, p])[y] for p, y in [(1, 2), (2, 4)]]
   np.testing.assert_allclose(loss, np.mean(ce), rtol=1e-5)
 
 
 def test_no_masked_slot_gives_zero_not_nan():
   batch = _batch(**dict(_MLM, mlm_weights=np.zeros((B, 2), np.float32)))
-  loss, metrics = _run(mlm.mlm_loss, FakeModel(_seq()), batch)
+  loss, metrics = run_loss(mlm.mlm_loss, FakeModel(_seq()), batch)
   assert float(loss) == 0.0 and float(metrics["mlm_acc"]) == 0.0
 
 
 def test_rng_reaches_encode_as_dropout_stream():
   model = FakeModel(_seq(), dropout=True)  # asserts it gets an nnx.Rngs
-  loss, _ = _run(mlm.mlm_loss, model, _batch(**_MLM), jax.random.key(0))
+  loss, _ = run_loss(mlm.mlm_loss, model, _batch(**_MLM), jax.random.key(0))
   assert np.isfinite(loss)
 
 
@@ -177,7 +159,7 @@ def test_mrfr_mean_over_regions_and_features():
   head = jnp.asarray(np.random.default_rng(1).normal(size=(H, d)), jnp.float32)
   target = np.random.default_rng(2).normal(size=(B, 2, d)).astype(np.float32)
   model = FakeModel(seq, head=head, head_shape=(B, 2, H))
-  loss, metrics = _run(mrm.mrfr_loss, model, _batch(mrfr_target=target, **_MRM))
+  loss, metrics = run_loss(mrm.mrfr_loss, model, _batch(mrfr_target=target, **_MRM))
   sq = [np.sum((seq[b, T + r] @ np.asarray(head) - target[b, s]) ** 2)
         for b, s, r in _USED]
   np.testing.assert_allclose(loss, np.sum(sq) / (3 * d), rtol=1e-5)
@@ -191,7 +173,7 @@ def test_mrc_uses_argmax_without_background():
   target[..., 0] = 0.6
   target[0, 0, 3] = target[0, 1, 1] = target[1, 0, 4] = 0.3
   target[1, 1, 2] = 0.3  # unused slot
-  loss, metrics = _run(mrm.mrc_loss, FakeModel(seq),
+  loss, metrics = run_loss(mrm.mrc_loss, FakeModel(seq),
                        _batch(mrc_target=target, **_MRM))
   ce = [-_log_softmax(seq[b, T + r])[y]
         for (b, _, r), y in zip(_USED, [3, 1, 4])]
@@ -206,7 +188,7 @@ def test_mrckl_elementwise_mean_with_zero_targets():
   target[0, 1, [0, 3, 4]] = [0.5, 0.25, 0.25]
   target[1, 0, 1] = 1.0
   target[1, 1] = 0.2  # unused slot
-  loss, metrics = _run(mrm.mrckl_loss, FakeModel(seq),
+  loss, metrics = run_loss(mrm.mrckl_loss, FakeModel(seq),
                        _batch(mrc_target=target, **_MRM))
   kl = 0.0
   for b, s, r in _USED:
@@ -216,7 +198,7 @@ def test_mrckl_elementwise_mean_with_zero_targets():
   np.testing.assert_allclose(loss, kl / (3 * H), rtol=1e-5)
   assert set(metrics) == {"loss/mrckl"}
   # Zero targets must not turn into nan gradients.
-  _, grads = _run(mrm.mrckl_loss, FakeModel(seq),
+  _, grads = run_loss(mrm.mrckl_loss, FakeModel(seq),
                   _batch(mrc_target=target, **_MRM), grad=True)
   assert np.isfinite(grads.sequence).all()
 
@@ -250,7 +232,7 @@ def _itm_case():
 
 def _itm(seq, logits, batch):
   """ITM loss with default hyper-parameters, a dropout rng and gradients."""
-  return _run(itm.itm_loss, FakeModel(seq, logits, dropout=True), batch,
+  return run_loss(itm.itm_loss, FakeModel(seq, logits, dropout=True), batch,
               jax.random.key(0), grad=True)
 
 
@@ -288,7 +270,7 @@ def test_itm_example_mask_and_zero_weight():
   np.testing.assert_allclose(metrics["loss/wra"], 2 / 3, rtol=1e-5)
   np.testing.assert_allclose(loss, ce + 0.1 * 2 / 3, rtol=1e-5)
 
-  loss, metrics = _run(itm.itm_loss, FakeModel(seq, logits), batch,
+  loss, metrics = run_loss(itm.itm_loss, FakeModel(seq, logits), batch,
                        wra_weight=0.0)
   assert float(metrics["loss/wra"]) == 0.0
   np.testing.assert_allclose(loss, metrics["loss/itm_ce"])
@@ -306,7 +288,7 @@ def test_registry():
 
   seq, logits, batch = _itm_case()
   fn = tasks.make_loss_fn("itm", wra_weight=0.5)
-  loss, metrics = _run(fn, FakeModel(seq, logits), batch)
+  loss, metrics = run_loss(fn, FakeModel(seq, logits), batch)
   np.testing.assert_allclose(
       loss, metrics["loss/itm_ce"] + 0.5 * metrics["loss/wra"], rtol=1e-6)
   np.testing.assert_allclose(metrics["loss/wra"], (2 / 3 - 2.0) / B, rtol=1e-5)

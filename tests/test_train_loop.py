@@ -41,13 +41,7 @@ def tiny_config(data_dir, **overrides):
   c.eval_batches = 1
   c.eval_gallery_images = 4
   c.eval_batch_size = 20
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return config_lib.set_values(c, overrides)
 
 
 @pytest.fixture(scope="module")

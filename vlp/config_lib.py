@@ -11,7 +11,7 @@ import ast
 import importlib.util
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -64,6 +64,23 @@ def load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg or None) if arg else module.get_config()
+
+
+def set_values(cfg: ml_collections.ConfigDict, values: Mapping[str, Any]
+               ) -> ml_collections.ConfigDict:
+  """Sets dotted keys (``"model.hidden_size"``) in place, as overrides would; returns cfg.
+
+  A key the config does not have is an error, like an unknown override.
+  """
+  for dotted, value in values.items():
+    if not _has_key(cfg, dotted):
+      raise KeyError(f"unknown config key {dotted!r}")
+    *path, last = dotted.split(".")
+    node = cfg
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return cfg
 
 
 def _has_key(cfg: Any, dotted: str) -> bool:

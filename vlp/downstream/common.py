@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -76,12 +74,3 @@ def forward_fn(graphdef, fn: Callable[[nnx.Module, dict], Any]):
 def run_forward(fn, params, batch: dict, ctx: EvalContext) -> Any:
   out = fn(params, ctx.to_global(batch))
   return jax.tree.map(global_batch.to_host, out)
-
-
-def write_eval(ctx: EvalContext, name: str, payload: Any) -> str:
-  path = os.path.join(ctx.workdir, name)
-  if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump(payload, f)
-    os.replace(path + ".tmp", path)
-  return path

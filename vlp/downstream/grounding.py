@@ -13,6 +13,7 @@ second build of the same dataset with detector regions.
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import jax
@@ -25,7 +26,7 @@ from vlp.downstream.task_data import TaskData
 from vlp.evaluators import grounding as grounding_eval
 from vlp.models.downstream import UniterForGrounding
 from vlp.tasks import make_loss_fn
-from vlp.train import pretrain_data
+from vlp.train import metrics as metrics_lib, pretrain_data
 from vlp.train.job import EvalContext, Job
 
 
@@ -98,7 +99,8 @@ def evaluate_grounding(params, ctx: EvalContext, *, data: TaskData) -> dict:
     out.update({f"grounding_acc_{setting}/{s}": v for s, v in report[setting].items()})
   out["settings"] = notes
   out["counts"] = report["counts"]
-  out["predictions_file"] = common.write_eval(ctx, "grounding_predictions.json", predictions)
+  out["predictions_file"] = os.path.join(ctx.workdir, "grounding_predictions.json")
+  metrics_lib.write_json(out["predictions_file"], predictions)
   out["eval_seconds"] = time.perf_counter() - t0
   return out
 

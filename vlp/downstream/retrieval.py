@@ -70,80 +70,52 @@ def _rank(model, batch):
 
 
 def evaluate_retrieval(params, ctx: EvalContext, *, data) -> dict:
-  cfg = ctx.config
   gallery = data.gallery()
   out: dict = {"step": ctx.step, "num_images": int(gallery["img_feat"].shape[0]),
                "num_captions": int(gallery["input_ids"].shape[0])}
-  rows_per_call = common.eval_rows_per_process(ctx) * jax.process_count()
-  score_fn = common.forward_fn(ctx.graphdef, _rank)
+  score = functools.partial(
+      evaluation.score_pairs, common.forward_fn(ctx.graphdef, _rank), params, gallery,
+      batch_size=common.eval_rows_per_process(ctx) * jax.process_count(),
+      to_global=ctx.to_global)
   t0 = time.perf_counter()
-  full = evaluation.zero_shot_retrieval(lambda p, b: score_fn(p, b), params, gallery,
-                                        rows_per_call, ctx.to_global)
-  out["full"] = dict(full, pairs_scored=out["num_images"] * out["num_captions"],
-                     seconds=time.perf_counter() - t0)
-  out.update({k: v for k, v in full.items()})  # Top-level R@K: the full ranking.
+  matrix = score(*evaluation.all_pairs(gallery)).reshape(out["num_images"], -1)
+  full = retrieval_eval.recall_at_k(matrix, gallery["txt2img"])
+  out["full"] = dict(full, pairs_scored=matrix.size, seconds=time.perf_counter() - t0)
+  out.update(full)  # Top-level R@K: the full ranking.
   if out["num_images"] == 5000:
-    scores = _score_matrix(score_fn, params, gallery, rows_per_call, ctx)
-    out["coco"] = retrieval_eval.coco_1k_5k(scores, gallery["txt2img"])
-  if cfg.dual_dim:
-    out.update(_two_stage(params, ctx, gallery, score_fn, rows_per_call))
+    out["coco"] = retrieval_eval.coco_1k_5k(matrix, gallery["txt2img"])
+  if ctx.config.dual_dim:
+    out.update(_two_stage(params, ctx, gallery, score))
   return out
 
 
-def _score_matrix(score_fn, params, gallery, rows_per_call, ctx) -> np.ndarray:
-  scores = []
-  for batch, real in evaluation.pair_batches(gallery, rows_per_call):
-    scores.append(np.asarray(common.run_forward(score_fn, params, _local(batch), ctx))[:real])
-  return np.concatenate(scores).reshape(gallery["img_feat"].shape[0], -1)
-
-
-def _local(batch: dict) -> dict:
-  """This process's contiguous share of a global batch built on every host."""
-  n = len(next(iter(batch.values())))
-  return {k: v[global_batch.split_for_process(n)] for k, v in batch.items()}
-
-
-def _vectors(params, ctx, gallery, which: str, rows_per_call: int) -> np.ndarray:
+def _vectors(params, ctx, gallery, which: str, batch_size: int) -> np.ndarray:
+  """Dual-encoder vectors of every gallery image or caption, `batch_size` per call."""
   fn = common.forward_fn(ctx.graphdef, lambda m, b: getattr(m, f"encode_{which}")(b))
   n = gallery["img_feat" if which == "image" else "input_ids"].shape[0]
+  rows = global_batch.split_for_process(batch_size)
   out = []
-  for start in range(0, n, rows_per_call):
-    idx = np.arange(start, start + rows_per_call) % n  # Static shape: wrap the tail.
-    t_idx = idx if which == "text" else np.zeros_like(idx)
-    i_idx = idx if which == "image" else np.zeros_like(idx)
-    batch = {"input_ids": gallery["input_ids"][t_idx], "txt_mask": gallery["txt_mask"][t_idx],
-             "img_feat": gallery["img_feat"][i_idx], "img_pos": gallery["img_pos"][i_idx],
-             "img_mask": gallery["img_mask"][i_idx]}
-    vecs = np.asarray(common.run_forward(fn, params, _local(batch), ctx))
-    out.append(vecs[:min(rows_per_call, n - start)])
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    other = np.zeros_like(idx)  # The other modality's row is ignored by encode_<which>.
+    batch, real = evaluation.pair_batch(gallery, idx if which == "image" else other,
+                                        idx if which == "text" else other, batch_size)
+    local = {k: v[rows] for k, v in batch.items()}
+    out.append(np.asarray(common.run_forward(fn, params, local, ctx))[:real])
   return np.concatenate(out)
 
 
-def _two_stage(params, ctx, gallery, score_fn, rows_per_call) -> dict:
+def _two_stage(params, ctx, gallery, score_pairs) -> dict:
+  batch_size = common.eval_rows_per_process(ctx) * jax.process_count()
   t0 = time.perf_counter()
-  img_vecs = _vectors(params, ctx, gallery, "image", rows_per_call)
-  txt_vecs = _vectors(params, ctx, gallery, "text", rows_per_call)
+  img_vecs = _vectors(params, ctx, gallery, "image", batch_size)
+  txt_vecs = _vectors(params, ctx, gallery, "text", batch_size)
   encode_seconds = time.perf_counter() - t0
-
-  def score_pairs(img_idx, txt_idx):
-    scores = []
-    for start in range(0, len(img_idx), rows_per_call):
-      ii = img_idx[start:start + rows_per_call]
-      tt = txt_idx[start:start + rows_per_call]
-      real = len(ii)
-      pad = rows_per_call - real
-      ii, tt = np.pad(ii, (0, pad)), np.pad(tt, (0, pad))
-      batch = {"input_ids": gallery["input_ids"][tt], "txt_mask": gallery["txt_mask"][tt],
-               "img_feat": gallery["img_feat"][ii], "img_pos": gallery["img_pos"][ii],
-               "img_mask": gallery["img_mask"][ii]}
-      scores.append(np.asarray(common.run_forward(score_fn, params, _local(batch), ctx))[:real])
-    return np.concatenate(scores)
-
   out: dict = {}
   for k in ctx.config.two_stage_ks:
     t1 = time.perf_counter()
     res = retrieval_eval.two_stage_recall(img_vecs, txt_vecs, gallery["txt2img"], score_pairs,
-                                          int(k), chunk_size=rows_per_call)
+                                          int(k), chunk_size=batch_size)
     out["dual"] = dict(res["dual"], seconds=encode_seconds, pairs_scored=0)
     out[f"two_stage_k{k}"] = dict(res["two_stage"], pairs_scored=int(res["pairs_scored"]),
                                   seconds=encode_seconds + time.perf_counter() - t1)

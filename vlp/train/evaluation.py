@@ -47,49 +47,80 @@ def _count(mask: jax.Array) -> jax.Array:
   return jnp.sum(mask.astype(jnp.float32))
 
 
-def pair_batches(gallery: Mapping[str, np.ndarray], batch_size: int):
-  """Yields (pair batch, number of real pairs) over all image x caption pairs,
-  image-major, padded to full batches with `example_mask` False."""
+def pair_batch(gallery: Mapping[str, np.ndarray], img_idx: np.ndarray, txt_idx: np.ndarray,
+               batch_size: int) -> tuple[dict, int]:
+  """(batch of the given image x caption pairs, number of real pairs).
+
+  At most `batch_size` pairs; padded with pair (0, 0) to `batch_size` rows so every
+  call has the same shape, with `example_mask` False on the padding.
+  """
+  real = len(img_idx)
+  if real > batch_size:
+    raise ValueError(f"{real} pairs do not fit a batch of {batch_size}")
+  ii = np.pad(np.asarray(img_idx), (0, batch_size - real))
+  tt = np.pad(np.asarray(txt_idx), (0, batch_size - real))
+  batch = {
+      "input_ids": gallery["input_ids"][tt],
+      "txt_mask": gallery["txt_mask"][tt],
+      "img_feat": gallery["img_feat"][ii],
+      "img_pos": gallery["img_pos"][ii],
+      "img_mask": gallery["img_mask"][ii],
+      "example_mask": np.arange(batch_size) < real,
+  }
+  return batch, real
+
+
+def all_pairs(gallery: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """(image, caption) indices of every gallery pair, image-major."""
   n_img = gallery["img_feat"].shape[0]
   n_txt = gallery["input_ids"].shape[0]
   img_idx, txt_idx = np.meshgrid(np.arange(n_img), np.arange(n_txt), indexing="ij")
-  img_idx, txt_idx = img_idx.ravel(), txt_idx.ravel()
-  total = len(img_idx)
-  for start in range(0, total, batch_size):
-    ii = img_idx[start:start + batch_size]
-    tt = txt_idx[start:start + batch_size]
-    real = len(ii)
-    if real < batch_size:  # Pad with pair 0 so every call has the same shape.
-      ii = np.concatenate([ii, np.zeros(batch_size - real, ii.dtype)])
-      tt = np.concatenate([tt, np.zeros(batch_size - real, tt.dtype)])
-    batch = {
-        "input_ids": gallery["input_ids"][tt],
-        "txt_mask": gallery["txt_mask"][tt],
-        "img_feat": gallery["img_feat"][ii],
-        "img_pos": gallery["img_pos"][ii],
-        "img_mask": gallery["img_mask"][ii],
-        "example_mask": np.arange(batch_size) < real,
-    }
-    yield batch, real
+  return img_idx.ravel(), txt_idx.ravel()
+
+
+def pair_batches(gallery: Mapping[str, np.ndarray], batch_size: int):
+  """Yields (pair batch, number of real pairs) over all image x caption pairs,
+  image-major, padded to full batches with `example_mask` False."""
+  img_idx, txt_idx = all_pairs(gallery)
+  for start in range(0, len(img_idx), batch_size):
+    yield pair_batch(gallery, img_idx[start:start + batch_size],
+                     txt_idx[start:start + batch_size], batch_size)
+
+
+def score_pairs(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarray],
+                img_idx: np.ndarray, txt_idx: np.ndarray, *, batch_size: int,
+                to_global: Callable, rows: np.ndarray | None = None) -> np.ndarray:
+  """Scores [P] of the given pairs, `batch_size` pairs per `score_fn` call.
+
+  Every host builds the same pair batches and feeds only `rows` of each (its
+  `vlp.dist.global_batch.process_rows`; default: its contiguous share).
+  """
+  rows = np.arange(batch_size)[global_batch.split_for_process(batch_size)] if rows is None else rows
+  scores = []
+  for start in range(0, len(img_idx), batch_size):
+    batch, real = pair_batch(gallery, img_idx[start:start + batch_size],
+                             txt_idx[start:start + batch_size], batch_size)
+    local = {k: v[rows] for k, v in batch.items()}
+    scores.append(global_batch.to_host(score_fn(params, to_global(local)))[:real])
+  return np.concatenate(scores) if scores else np.zeros((0,), np.float32)
+
+
+def score_matrix(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarray], *,
+                 batch_size: int, to_global: Callable,
+                 rows: np.ndarray | None = None) -> np.ndarray:
+  """[N_img, N_txt] scores of every gallery pair."""
+  img_idx, txt_idx = all_pairs(gallery)
+  scores = score_pairs(score_fn, params, gallery, img_idx, txt_idx, batch_size=batch_size,
+                       to_global=to_global, rows=rows)
+  return scores.reshape(gallery["img_feat"].shape[0], gallery["input_ids"].shape[0])
 
 
 def zero_shot_retrieval(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarray],
                         batch_size: int, to_global: Callable,
                         rows: np.ndarray | None = None) -> dict[str, float]:
-  """Recall@K of the ITM score over every gallery pair.
-
-  Every host builds the same pair list and feeds only `rows` of each pair batch
-  (its `vlp.dist.global_batch.process_rows`; default: its contiguous share).
-  """
-  n_img = gallery["img_feat"].shape[0]
-  n_txt = gallery["input_ids"].shape[0]
-  rows = np.arange(batch_size)[global_batch.split_for_process(batch_size)] if rows is None else rows
-  scores = []
-  for batch, real in pair_batches(gallery, batch_size):
-    local = {k: v[rows] for k, v in batch.items()}
-    out = global_batch.to_host(score_fn(params, to_global(local)))
-    scores.append(out[:real])
-  matrix = np.concatenate(scores).reshape(n_img, n_txt)
+  """Recall@K of the ITM score over every gallery pair (see `score_pairs` for `rows`)."""
+  matrix = score_matrix(score_fn, params, gallery, batch_size=batch_size,
+                        to_global=to_global, rows=rows)
   return retrieval.recall_at_k(matrix, gallery["txt2img"])
 
 

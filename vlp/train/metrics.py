@@ -36,12 +36,15 @@ class MetricWriter:
       f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
 
 
-def write_json(path: str, obj: Mapping[str, Any]) -> None:
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` (a mapping of metrics, or any JSON-able value) from process 0."""
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if isinstance(obj, Mapping):
+    obj = {k: _plain(v) for k, v in obj.items()}
   with open(path, "w") as f:
-    json.dump({k: _plain(v) for k, v in obj.items()}, f, indent=2, sort_keys=True)
+    json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
 
 
