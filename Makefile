@@ -13,6 +13,11 @@ $(VENV)/.installed: requirements.txt setup.cfg
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
+# Tests only: PyTorch (CPU) for the .pt import tests; see requirements-torch.txt.
+$(VENV)/.installed-torch: $(VENV)/.installed requirements-torch.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-torch.txt
+	touch $@
+
 install: $(VENV)/.installed
 
 FT = --config.data_dir=$(DATA_DIR) --config.init_from=$(WORKDIR)
@@ -27,7 +32,7 @@ demo-finetune: demo
 	$(PY) -m vlp.finetune --config=configs/finetune_refcoco.py:size=tiny,data=vlp_scenes --workdir=$(WORKDIR)/ft_grounding $(FT)
 	$(PY) -m vlp.tools.demo_table $(WORKDIR)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-torch
 	$(PY) -m pytest -q tests
 
 clean:

@@ -7,7 +7,8 @@ r"""Import a released PyTorch UNITER checkpoint as a vlp pretrained directory.
 Reads the state dict of the reference `UniterForPretraining`, `UniterModel` (keys
 with or without the ``uniter.`` prefix, or a ``module.`` wrapper prefix) or one of
 its fine-tuning models, in float16 or float32, from ``.pt`` (``torch.load`` with
-``weights_only=True``; needs the ``torch`` extra) or ``.safetensors``. The names map
+``weights_only=True``, so a pickle that needs code or custom classes is refused
+without running it; needs the ``torch`` extra) or ``.safetensors``. The names map
 through `vlp.models.uniter.torch_name_table`; tied duplicates
 (``cls.predictions.decoder.weight``, ``feat_regress.weight``,
 ``cls.predictions.decoder.bias``) are checked to equal what they tie to. Old BERT
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import sys
 from typing import Any, Mapping
@@ -54,6 +56,10 @@ _REQUIRED = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_he
 
 class CheckpointMismatchError(ValueError):
   """The state dict does not fit the model config; the message lists every key."""
+
+
+class CheckpointReadError(ValueError):
+  """The file is not a plain state dict of tensors; nothing in it was run."""
 
 
 @dataclasses.dataclass
@@ -112,16 +118,26 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(f'reading {path} needs PyTorch: pip install "vlp[torch]" (or convert '
                       'the checkpoint to .safetensors elsewhere)') from e
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    # torch's message suggests weights_only=False and allowlisting; keep only its reason.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or ['']
+    reason = next((l for l in lines if 'WeightsUnpickler error' in l), lines[-1])
+    reason = reason.split(' Please use')[0]
+    raise CheckpointReadError(
+        f'refused {path}: loading it needs more than tensors (code or custom classes); '
+        f'nothing in it was run. {reason} Re-save the state dict (tensors only, or as '
+        '.safetensors) where its source is trusted.') from None
   for wrapper in ('state_dict', 'model'):
     if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
       obj = obj[wrapper]
   if not isinstance(obj, Mapping):
-    raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict')
+    raise CheckpointReadError(f'{path} holds a {type(obj).__name__}, not a state dict')
   out = {}
   for k, v in obj.items():
     if not isinstance(v, torch.Tensor):
-      raise ValueError(f'{path}: entry {k!r} is a {type(v).__name__}, not a tensor')
+      raise CheckpointReadError(f'{path}: entry {k!r} is a {type(v).__name__}, not a tensor')
     v = v.detach().cpu()
     out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
   return out
@@ -277,7 +293,7 @@ def main(argv):
         f.checkpoint, f.model_config, f.out, vocab=f.vocab, tokenizer=f.tokenizer,
         lowercase=f.lowercase, img_dim=f.img_dim, num_region_classes=f.num_region_classes,
         backbone_only=f.backbone_only)
-  except (CheckpointMismatchError, ImportError) as e:
+  except (CheckpointMismatchError, CheckpointReadError, ImportError) as e:
     sys.exit(f'error: {e}')
   print(f'imported {f.checkpoint} -> {os.path.abspath(f.out)}')
   for line in summary.lines():
