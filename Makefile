@@ -1,11 +1,12 @@
-# Two entry points: `make demo` (set up + pretrain on the embedded data) and `make test`.
+# Two entry points: `make demo` (set up, pretrain on the embedded data, fine-tune each
+# task from that checkpoint, print one table) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= workdir/demo
 DATA_DIR ?= $(WORKDIR)/data
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-finetune test install clean
+.PHONY: demo test install clean
 
 $(VENV)/.installed: requirements.txt setup.cfg
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -24,9 +25,6 @@ FT = --config.data_dir=$(DATA_DIR) --config.init_from=$(WORKDIR)
 
 demo: $(VENV)/.installed
 	$(PY) -m vlp.pretrain --config=configs/uniter_base.py:tiny --workdir=$(WORKDIR) --config.data_dir=$(DATA_DIR)
-
-# After `make demo`: fine-tune the demo checkpoint for each task, print one table.
-demo-finetune: demo
 	$(PY) -m vlp.finetune --config=configs/finetune_retrieval.py:size=tiny,data=vlp_scenes --workdir=$(WORKDIR)/ft_retrieval $(FT)
 	$(PY) -m vlp.finetune --config=configs/finetune_vqa.py:size=tiny,data=vlp_scenes --workdir=$(WORKDIR)/ft_vqa $(FT)
 	$(PY) -m vlp.finetune --config=configs/finetune_refcoco.py:size=tiny,data=vlp_scenes --workdir=$(WORKDIR)/ft_grounding $(FT)

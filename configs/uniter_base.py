@@ -25,11 +25,11 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
 
   c.seed = 42
-  c.total_steps = 1500 if tiny else 200_000
+  c.total_steps = 1000 if tiny else 200_000
   c.batch_size = 64 if tiny else 3072  # Examples per optimizer update, global.
   c.grad_accum = 1
   c.log_every = 50 if tiny else 100
-  c.eval_every = 1500 if tiny else 5000  # Tiny: once, at the end (CPU time).
+  c.eval_every = 1000 if tiny else 5000  # Tiny: once, at the end (CPU time).
   c.checkpoint_every = 500 if tiny else 5000
   c.keep_checkpoints = 2
 

@@ -109,3 +109,23 @@ def test_aggregator_uniter_convention():
   gt = np.array([[0, 0, 10, 10]] * 2, float)
   agg.add("gt", "val", np.array([[0, 0, 5, 10], [0, 0, 6, 10]], float), gt)
   assert agg.report()["gt"]["val"] == 50.0   # IoU 0.5 is not > 0.5
+
+
+def test_random_choice_chance_by_hand():
+  gt = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], float)
+  regions = np.array([
+      # Row 0: exact hit, IoU 0.5 (hit at >=), far miss, padding that would hit.
+      [[0, 0, 10, 10], [0, 0, 10, 5], [50, 50, 60, 60], [0, 0, 10, 10]],
+      # Row 1: one miss (IoU 0.25), three real regions, none a hit but padding.
+      [[0, 0, 5, 5], [20, 20, 30, 30], [40, 40, 50, 50], [0, 0, 10, 10]]], float)
+  mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0]], bool)
+  np.testing.assert_allclose(g.random_choice_hits(regions, gt, mask), [2 / 3, 0.0])
+  np.testing.assert_allclose(g.random_choice_hits(regions, gt, mask, strict=True), [1 / 3, 0])
+  agg = g.GroundingAggregator()
+  agg.add_chance("gt", "val", regions, gt, mask, example_mask=np.array([True, False]))
+  agg.add("gt", "val", regions[:, 0], gt, np.array([True, False]))
+  report = agg.report()
+  assert report["chance"]["gt"]["val"] == pytest.approx(100 * 2 / 3)
+  assert report["gt"]["val"] == 100.0
+  with pytest.raises(ValueError, match="region_mask"):
+    g.random_choice_hits(regions, gt, mask[:, :3])

@@ -211,3 +211,22 @@ def test_results_file_round_trip(tmp_path):
     json.dump([{"question_id": "1", "answer": "a"}], f)
   with pytest.raises(ValueError, match="question_id must be an integer"):
     vqa.read_results(path)
+
+
+def test_majority_baseline_by_hand():
+  def ann(qid, answers, atype="other"):
+    return {"question_id": qid, "image_id": 1, "answer_type": atype, "question_type": "what",
+            "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(answers)]}
+  # "Yes" / "yes." normalise to "yes" (13 of 30 answers): the majority answer.
+  anns = {"annotations": [ann(1, ["yes"] * 6 + ["no"] * 4, "yes/no"),
+                          ann(2, ["Yes"] * 3 + ["two"] * 7, "number"),
+                          ann(3, ["red"] * 6 + ["yes."] * 4)]}
+  answer, acc = vqa.majority_baseline(anns)
+  assert answer == "yes"
+  # Per question: min(1, matches / 3) averaged over the 10 leave-one-out subsets:
+  # 6 matches -> 1; 3 matches -> (7 * 1 + 3 * 2/3) / 10 = 0.9; 4 -> 1 (the official
+  # normalisation strips the period of "yes." only when it is not a decimal point).
+  expected = [vqa.question_accuracy("yes", [a["answer"] for a in x["answers"]])
+              for x in anns["annotations"]]
+  assert expected == pytest.approx([1.0, 0.9, 1.0])
+  assert acc == pytest.approx(100 * np.mean(expected), abs=0.01)

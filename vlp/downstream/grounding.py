@@ -95,6 +95,10 @@ def evaluate_grounding(params, ctx: EvalContext, *, data: TaskData) -> dict:
   out = {"step": ctx.step, "setting": main,
          "grounding_acc": report[main].get(ctx.config.eval_split)}
   out.update({f"grounding_acc/{s}": v for s, v in report[main].items()})
+  # Chance level: a uniformly random region per expression (the bar to beat).
+  chance = report.get("chance", {}).get(main, {})
+  out["grounding_chance"] = chance.get(ctx.config.eval_split)
+  out.update({f"grounding_chance/{s}": v for s, v in chance.items()})
   for setting in settings:
     out.update({f"grounding_acc_{setting}/{s}": v for s, v in report[setting].items()})
   out["settings"] = notes
@@ -141,6 +145,7 @@ def _run_split(fn, params, ctx: EvalContext, ds, agg, setting: str, split: str) 
     mask[~keep, 0] = True  # Padding rows may have no region; they are dropped below.
     pred = grounding_eval.pick_boxes(scores, boxes, mask)
     agg.add(setting, split, pred, gt, keep)
+    agg.add_chance(setting, split, boxes, gt, common.gather(batch["img_mask"]), keep)
     rows = len(batch["example_mask"])
     example = common.gather(lo + b * rows + np.arange(rows))  # Row -> example of the split.
     sent_ids = (index.sent_ids[example[keep]] if index is not None

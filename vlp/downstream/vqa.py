@@ -74,7 +74,8 @@ def evaluate_vqa(params, ctx: EvalContext, *, data: TaskData) -> dict:
   results = [{"question_id": int(q), "answer": a} for q, a in zip(qids, answers)]
   if data.layout == "images":
     q_path, a_path = scenes.vqa_json_paths(data.builder, split)
-    report = vqa_eval.vqa_accuracy(results, _load(a_path), _load(q_path))
+    annotations = _load(a_path)
+    report = vqa_eval.vqa_accuracy(results, annotations, _load(q_path))
     out["annotations"] = a_path
   else:
     annotations = downstream_records.vqa_annotations(ds.split_index)
@@ -87,6 +88,8 @@ def evaluate_vqa(params, ctx: EvalContext, *, data: TaskData) -> dict:
     report = vqa_eval.vqa_accuracy(results, annotations)
     out["annotations"] = (f"answers stored in the {split!r} records of "
                           f"{data.builder.info.full_name}")
+  # The bar to beat: one answer, the split's most common, for every question.
+  out["vqa_majority_answer"], out["vqa_acc_majority"] = vqa_eval.majority_baseline(annotations)
   out.update(vqa_acc=report["overall"], vqa_acc_per_answer_type=report["per_answer_type"],
              vqa_acc_per_question_type=report["per_question_type"],
              num_questions=report["num_questions"], eval_seconds=time.perf_counter() - t0)

@@ -79,6 +79,23 @@ def grounding_accuracy(pred_boxes, gt_boxes, threshold: float = 0.5, *, strict: 
   return 100.0 * float(hits.mean())
 
 
+def random_choice_hits(region_boxes, gt_boxes, region_mask, threshold: float = 0.5, *,
+                       strict: bool = False, convention: str = "continuous") -> np.ndarray:
+  """[B] probability that a uniformly random unmasked region is a hit (the chance level).
+
+  region_boxes [B, K, 4], gt_boxes [B, 4], region_mask [B, K] bool. A row without
+  an unmasked region scores 0.
+  """
+  boxes, gt = _boxes(region_boxes, "region_boxes"), _boxes(gt_boxes, "gt_boxes")
+  mask = np.asarray(region_mask, bool)
+  if boxes.ndim != 3 or gt.shape != (boxes.shape[0], 4) or mask.shape != boxes.shape[:2]:
+    raise ValueError(f"expected region_boxes [B, K, 4], gt_boxes [B, 4] and region_mask "
+                     f"[B, K]; got {boxes.shape}, {gt.shape} and {mask.shape}")
+  iou = box_iou(boxes, gt[:, None, :], convention=convention)
+  hit = (iou > threshold if strict else iou >= threshold) & mask
+  return hit.sum(1) / np.maximum(mask.sum(1), 1)
+
+
 def pick_regions(region_scores, region_mask=None) -> np.ndarray:
   """[B] index of the highest-scoring unmasked region (ties: the first)."""
   scores = np.asarray(region_scores, np.float64)
@@ -125,6 +142,7 @@ class GroundingAggregator:
     self.threshold, self.strict, self.convention = threshold, strict, convention
     self._hits: dict[tuple[str, str], int] = {}
     self._total: dict[tuple[str, str], int] = {}
+    self._chance: dict[tuple[str, str], float] = {}  # Sum of per-expression odds.
 
   def add(self, setting: str, split: str, pred_boxes, gt_boxes, example_mask=None) -> None:
     """Adds a batch; rows with example_mask False (eval padding) are ignored."""
@@ -156,15 +174,35 @@ class GroundingAggregator:
     self.add(setting, split, pick_boxes(scores, region_boxes, region_mask), gt_boxes,
              example_mask)
 
+  def add_chance(self, setting: str, split: str, region_boxes, gt_boxes, region_mask,
+                 example_mask=None) -> None:
+    """Adds the accuracy of a uniformly random choice among the unmasked regions.
+
+    Call it with the same rows as `add`; `report` gives it under "chance".
+    """
+    hits = random_choice_hits(region_boxes, gt_boxes, region_mask, self.threshold,
+                              strict=self.strict, convention=self.convention)
+    if example_mask is not None:
+      hits = hits[np.asarray(example_mask, bool)]
+    key = (setting, split)
+    self._chance[key] = self._chance.get(key, 0.0) + float(hits.sum())
+
   def report(self) -> dict[str, Mapping]:
-    """{setting: {split: accuracy %}} for the pairs seen, plus "counts" (expressions)."""
+    """{setting: {split: accuracy %}} for the pairs seen, plus "counts" (expressions)
+    and, where `add_chance` was called, "chance" ({setting: {split: %}})."""
     out: dict[str, dict] = {}
     counts: dict[str, dict] = {}
+    chance: dict[str, dict] = {}
     for setting in SETTINGS:
       for split in SPLITS:
-        total = self._total.get((setting, split), 0)
+        key = (setting, split)
+        total = self._total.get(key, 0)
         if total:
-          out.setdefault(setting, {})[split] = 100.0 * self._hits[(setting, split)] / total
+          out.setdefault(setting, {})[split] = 100.0 * self._hits[key] / total
           counts.setdefault(setting, {})[split] = total
+          if key in self._chance:
+            chance.setdefault(setting, {})[split] = 100.0 * self._chance[key] / total
     out["counts"] = counts
+    if chance:
+      out["chance"] = chance
     return out

@@ -313,6 +313,24 @@ def vqa_accuracy(results: Any, annotations: Any, questions: Any = None, *,
   }
 
 
+def majority_baseline(annotations: Any) -> tuple[str, float]:
+  """The single most common (normalised) human answer of `annotations`, and the
+  `vqa_accuracy` of giving it to every question: the majority-answer baseline.
+
+  It reads the answers of the split it scores, so it is an optimistic version of
+  the usual "most common training answer" baseline (ties: the first seen).
+  """
+  by_id = _index_annotations(annotations)
+  counts: dict[str, int] = {}
+  for qid, ann in by_id.items():
+    for a in _gt_answers(ann, f"question {qid}"):
+      key = normalize_answer(a)
+      counts[key] = counts.get(key, 0) + 1
+  answer = max(counts, key=counts.get)  # dicts keep insertion order: first max wins
+  results = [{"question_id": qid, "answer": answer} for qid in by_id]
+  return answer, vqa_accuracy(results, annotations)["overall"]
+
+
 def write_results(path: str, question_ids: Sequence[int], answers: Sequence[str]) -> None:
   """Writes the official results file: a JSON list of {"question_id", "answer"}."""
   question_ids, answers = list(question_ids), list(answers)
