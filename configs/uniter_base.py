@@ -56,9 +56,14 @@ def get_config(arg=None):
   c.model.num_layers = ml_collections.FieldReference(None, field_type=int)
   c.model.num_heads = ml_collections.FieldReference(None, field_type=int)
   c.model.intermediate_size = ml_collections.FieldReference(None, field_type=int)
-  c.model.initializer_range = ml_collections.FieldReference(None, field_type=float)
-  c.model.hidden_dropout = 0.1
-  c.model.attention_dropout = 0.1
+  # Tiny (vlp choice, measured on the demo): a from-scratch model with BERT's 0.02 init
+  # and dropout 0.1 barely uses the image in 1000 CPU steps (held-out MLM accuracy
+  # 0.645; grounding fine-tuned from it 33.8 %), while init 0.1 without dropout gives
+  # 0.70 and 78.6 %. Larger sizes keep the reference's values.
+  c.model.initializer_range = ml_collections.FieldReference(
+      0.1 if tiny else None, field_type=float)
+  c.model.hidden_dropout = 0.0 if tiny else 0.1
+  c.model.attention_dropout = 0.0 if tiny else 0.1
   c.model.remat = False
   # None lets JAX choose; "cudnn" forces the fused GPU kernel (used when attention
   # dropout is 0), "xla" the portable one.
