@@ -141,11 +141,8 @@ def _run_split(fn, params, ctx: EvalContext, ds, agg, setting: str, split: str) 
     scores = np.asarray(common.run_forward(fn, params, batch, ctx))
     boxes, mask = common.gather(batch["img_boxes"]), common.gather(batch["img_mask"])
     keep, gt = common.gather(batch["example_mask"]), common.gather(batch["gt_box"])
-    mask = mask.copy()
-    mask[~keep, 0] = True  # Padding rows may have no region; they are dropped below.
-    pred = grounding_eval.pick_boxes(scores, boxes, mask)
-    agg.add(setting, split, pred, gt, keep)
-    agg.add_chance(setting, split, boxes, gt, common.gather(batch["img_mask"]), keep)
+    pred = agg.add_scores(setting, split, scores, boxes, gt, mask, keep)
+    agg.add_chance(setting, split, boxes, gt, mask, keep)
     rows = len(batch["example_mask"])
     example = common.gather(lo + b * rows + np.arange(rows))  # Row -> example of the split.
     sent_ids = (index.sent_ids[example[keep]] if index is not None

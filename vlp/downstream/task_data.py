@@ -97,8 +97,8 @@ class TaskData:
     del kind_for_index  # One batch kind per fine-tuning job.
     its = [downstream_records.make_task_train_iterator(
         self.builder, self.spec, task=self.task, tokenizer=self.tokenizer,
-        seed=self.config.seed, process_index=shard, process_count=self.num_shards, start_index=start_index,
-        answers=self.answers, worker_count=self.config.data_workers)
+        seed=self.config.seed, process_index=shard, process_count=self.num_shards,
+        start_index=start_index, answers=self.answers, worker_count=self.config.data_workers)
            for shard in self.shards]
     return its[0] if len(its) == 1 else pretrain_data.ShardedIterator(its)
 

@@ -66,7 +66,10 @@ def grounding_hits(pred_boxes, gt_boxes, threshold: float = 0.5, *, strict: bool
   pred, gt = _boxes(pred_boxes, "pred_boxes"), _boxes(gt_boxes, "gt_boxes")
   if pred.shape != gt.shape or pred.ndim != 2:
     raise ValueError(f"pred_boxes {pred.shape} and gt_boxes {gt.shape} must both be [N, 4]")
-  iou = box_iou(pred, gt, convention=convention)
+  return _is_hit(box_iou(pred, gt, convention=convention), threshold, strict)
+
+
+def _is_hit(iou: np.ndarray, threshold: float, strict: bool) -> np.ndarray:
   return iou > threshold if strict else iou >= threshold
 
 
@@ -91,8 +94,8 @@ def random_choice_hits(region_boxes, gt_boxes, region_mask, threshold: float = 0
   if boxes.ndim != 3 or gt.shape != (boxes.shape[0], 4) or mask.shape != boxes.shape[:2]:
     raise ValueError(f"expected region_boxes [B, K, 4], gt_boxes [B, 4] and region_mask "
                      f"[B, K]; got {boxes.shape}, {gt.shape} and {mask.shape}")
-  iou = box_iou(boxes, gt[:, None, :], convention=convention)
-  hit = (iou > threshold if strict else iou >= threshold) & mask
+  hit = _is_hit(box_iou(boxes, gt[:, None, :], convention=convention), threshold,
+                strict) & mask
   return hit.sum(1) / np.maximum(mask.sum(1), 1)
 
 
@@ -164,15 +167,19 @@ class GroundingAggregator:
     self._total[key] = self._total.get(key, 0) + int(hits.size)
 
   def add_scores(self, setting: str, split: str, region_scores, region_boxes, gt_boxes,
-                 region_mask=None, example_mask=None) -> None:
-    """Adds a batch of per-region scores: the argmax unmasked region is the prediction."""
+                 region_mask=None, example_mask=None) -> np.ndarray:
+    """Adds a batch of per-region scores: the argmax unmasked region is the prediction.
+
+    Returns the predicted boxes [B, 4] (those of padding rows are meaningless).
+    """
     scores = np.asarray(region_scores)
     if example_mask is not None and region_mask is not None:
       # Padding rows may have no real region; give them one so that picking works.
       region_mask = np.asarray(region_mask).copy()
       region_mask[~np.asarray(example_mask, bool), 0] = True
-    self.add(setting, split, pick_boxes(scores, region_boxes, region_mask), gt_boxes,
-             example_mask)
+    pred = pick_boxes(scores, region_boxes, region_mask)
+    self.add(setting, split, pred, gt_boxes, example_mask)
+    return pred
 
   def add_chance(self, setting: str, split: str, region_boxes, gt_boxes, region_mask,
                  example_mask=None) -> None:
