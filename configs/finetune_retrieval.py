@@ -24,7 +24,7 @@ def get_config(arg=None):
   add_finetune_keys(c, task="retrieval", tiny=tiny, tasks=dict(retrieval_ft=1, distill=0),
                     eval_split="test", lr=5e-5, steps=5000, warmup=500, batch_size=256)
   if tiny:  # CPU demo: fewer steps and anchors (scoring B x B pairs is the cost).
-    c.total_steps, c.batch_size, c.log_every = 40, 32, 10
+    c.total_steps, c.batch_size, c.log_every = 100, 32, 20
     c.eval_every = c.checkpoint_every = c.total_steps
   c.num_hard_negatives = 7 if tiny else 31
   # Anchors per direction whose negatives are mined (0 = every row of the batch).

@@ -192,6 +192,59 @@ def test_itm_without_partner_stays_positive_and_is_counted():
   np.testing.assert_array_equal(out['img_feat'], batch['img_feat'])
 
 
+def _row_key(out, i):
+  """(caption, image) identity of output row i."""
+  return out['input_ids'][i].tobytes(), int(out['image_id'][i])
+
+
+@pytest.mark.parametrize('real,shared', [(96, False), (95, False), (96, True)])
+def test_itm_balanced_each_caption_and_image_once_matched_once_not(real, shared):
+  rng = np.random.default_rng(9)
+  batch = make_batch(rng, b=100)
+  batch['input_ids'][:, 1] = np.arange(100) + 5  # every caption distinct
+  if shared:  # rows 10..19 show the images of rows 0..9 (two captions of one image)
+    for key in masking.ITM_IMAGE_KEYS:
+      batch[key][10:20] = batch[key][:10]
+  batch['example_mask'][real:] = False
+  stats = {}
+  out = masking.make_itm_batch(batch, rng, negatives='balanced', stats=stats)
+  half = real // 2
+  target = out['itm_target']
+  assert target[:half].all() and not target[half:2 * half].any()
+  assert stats.get('itm_no_negative', 0) == 0
+  if real % 2:  # the odd last real row stays as it was, positive
+    assert target[2 * half] == 1 and _row_key(out, 2 * half) == _row_key(batch, 2 * half)
+  for key in batch:  # padding rows untouched
+    np.testing.assert_array_equal(out[key][real:], batch[key][real:])
+  # Rows [half, 2 half) repeat the captions of rows [0, half) ...
+  for key in ('input_ids', 'txt_mask', 'example_mask'):
+    np.testing.assert_array_equal(out[key][half:2 * half], batch[key][:half])
+  # ... with the images of rows [0, half) in another order, never their own image.
+  neg_ids = out['image_id'][half:2 * half]
+  assert np.all(neg_ids != batch['image_id'][:half])
+  if not shared:  # a permutation: each image once matched, once mismatched
+    assert sorted(neg_ids) == sorted(batch['image_id'][:half])
+  pos_txt = {out['input_ids'][i].tobytes() for i in range(half)}
+  neg_txt = [out['input_ids'][i].tobytes() for i in range(half, 2 * half)]
+  assert sorted(neg_txt) == sorted(pos_txt)
+  for key in masking.ITM_IMAGE_KEYS:  # image fields travel together
+    src = [int(np.nonzero(batch['image_id'][:half] == i)[0][0]) for i in neg_ids]
+    np.testing.assert_array_equal(out[key][half:2 * half], batch[key][src])
+
+
+def test_itm_balanced_same_image_everywhere_counted_and_rejects_other_ratio():
+  rng = np.random.default_rng(10)
+  batch = make_batch(rng, b=8)
+  batch['image_id'][:] = 3
+  stats = {}
+  out = masking.make_itm_batch(batch, rng, negatives='balanced', stats=stats)
+  assert stats['itm_no_negative'] == 4 and out['itm_target'].all()
+  with pytest.raises(ValueError, match='itm_neg_prob must be 0.5'):
+    masking.make_itm_batch(batch, rng, neg_prob=0.3, negatives='balanced')
+  with pytest.raises(ValueError, match='unknown ITM negatives'):
+    masking.make_itm_batch(batch, rng, negatives='hard')
+
+
 @pytest.mark.parametrize('kind', ['mlm', 'mrm', 'itm'])
 def test_conditional_masking_and_determinism(kind):
   batch = make_batch(np.random.default_rng(8), b=32)

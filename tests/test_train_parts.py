@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from vlp.dist import logical, mesh as mesh_lib, sharding as sharding_lib
 from vlp.train import optim
-from vlp.train.task_mix import TaskMix
+from vlp.train.task_mix import TaskMix, loss_weights, weighted
 
 
 def test_schedule_matches_reference_formula():
@@ -48,6 +48,26 @@ def test_task_mix_is_deterministic_and_follows_ratios():
     assert abs(counts[name] / 4000 - p) < 5 * sd, (name, counts)
   # Order-independent: step 123 gives the same task whatever was asked before.
   assert TaskMix(ratios, 3).task(123) == seq[123]
+
+
+def test_loss_weights_scale_the_loss_and_gradient_but_not_the_metrics():
+  def loss_fn(w, batch, rng):
+    loss = (w * batch).sum() ** 2
+    return loss, {"loss/t": loss}
+  x, w = np.array([1.0, 2.0]), np.array([0.5, -1.0])
+  (l1, m1), g1 = jax.value_and_grad(loss_fn, has_aux=True)(w, x, None)
+  (l3, m3), g3 = jax.value_and_grad(weighted(loss_fn, 3.0), has_aux=True)(w, x, None)
+  assert float(l1) == 2.25 and float(l3) == 6.75  # (0.5 - 2)^2 = 2.25, times 3
+  np.testing.assert_allclose(g3, 3 * np.asarray(g1))  # d/dw = 2 (w.x) x = [-3, -6]
+  np.testing.assert_allclose(g1, [-3.0, -6.0])
+  assert float(m3["loss/t"]) == 2.25
+  assert weighted(loss_fn, 1.0) is loss_fn
+  cfg = {"loss_weights": {"itm": 20.0}}
+  assert loss_weights(cfg, ["mlm", "itm"], ["mlm", "itm", "mrc"]) == {"mlm": 1.0, "itm": 20.0}
+  with pytest.raises(ValueError, match=r"unknown task\(s\) \['itn'\]"):
+    loss_weights({"loss_weights": {"itn": 2.0}}, ["itm"], ["itm"])
+  with pytest.raises(ValueError, match="must be positive"):
+    loss_weights({"loss_weights": {"itm": 0.0}}, ["itm"], ["itm"])
 
 
 def test_mesh_resolves_and_rejects_bad_sizes():

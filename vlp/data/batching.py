@@ -53,12 +53,28 @@ class BatchSpec:
   mlm_prob: float = 0.15
   mrm_prob: float = 0.15
   itm_neg_prob: float = 0.5
+  itm_negatives: str = 'random'  # or 'balanced' (masking.make_itm_batch)
 
   def __post_init__(self):
     if self.batch_size < 1 or self.max_regions < 1:
       raise ValueError(f'batch_size and max_regions must be positive: {self}')
     if self.max_text_len < 3:
       raise ValueError(f'max_text_len counts [CLS] and [SEP]; need >= 3: {self}')
+    if self.itm_negatives not in masking.ITM_NEGATIVES:
+      raise ValueError(f'itm_negatives must be one of {masking.ITM_NEGATIVES}, got '
+                       f'{self.itm_negatives!r}')
+
+  @classmethod
+  def from_config(cls, config, batch_size: int) -> 'BatchSpec':
+    """The spec of a pretraining or fine-tuning config, `batch_size` rows per batch."""
+    return cls(
+        batch_size=batch_size, max_text_len=config.max_text_len,
+        max_regions=config.max_regions, feature_dim=config.feature_dim,
+        num_region_classes=config.num_region_classes,
+        max_mlm_predictions=config.max_mlm_predictions,
+        max_mrm_predictions=config.max_mrm_predictions, mlm_prob=config.mlm_prob,
+        mrm_prob=config.mrm_prob, itm_neg_prob=config.itm_neg_prob,
+        itm_negatives=config.itm_negatives)
 
   @property
   def mlm_predictions(self) -> int:
@@ -244,7 +260,8 @@ def apply_kind(batch: dict, kind: str | None, rng: np.random.Generator, spec: Ba
     return masking.make_mrm_batch(batch, rng, prob=spec.mrm_prob,
                                   max_predictions=spec.mrm_predictions, stats=stats)
   if kind == 'itm':
-    return masking.make_itm_batch(batch, rng, neg_prob=spec.itm_neg_prob, stats=stats)
+    return masking.make_itm_batch(batch, rng, neg_prob=spec.itm_neg_prob,
+                                  negatives=spec.itm_negatives, stats=stats)
   raise ValueError(f'unknown batch kind {kind!r}; expected one of {masking.BATCH_KINDS}')
 
 

@@ -205,24 +205,44 @@ def _draw_partners(image_id: np.ndarray, usable: np.ndarray, rng: np.random.Gene
   return partner, ok
 
 
-def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
-                   neg_prob: float = 0.5,
-                   stats: MutableMapping[str, int] | None = None) -> dict:
-  """Image-text matching: replaces the image of about `neg_prob` of the examples.
+ITM_NEGATIVES = ('random', 'balanced')
 
-  A negative takes all image fields (img_feat, img_pos, img_mask, soft_labels,
-  image_id) of another real example of the batch whose image_id differs. Nothing is
-  masked. A drawn negative without any such partner stays positive and is counted
-  in `stats['itm_no_negative']`. Padding rows (example_mask False) are never
-  negatives and never partners.
+
+def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
+                   neg_prob: float = 0.5, negatives: str = 'random',
+                   stats: MutableMapping[str, int] | None = None) -> dict:
+  """Image-text matching: pairs captions with images that do not match them.
+
+  `negatives='random'` (the reference's sampler): each real example independently
+  becomes a negative with probability `neg_prob` and takes all image fields
+  (img_feat, img_pos, img_mask, soft_labels, image_id) of another real example of
+  the batch whose image_id differs.
+
+  `negatives='balanced'` (a vlp option; `neg_prob` must be 0.5): the first half of
+  the real rows stay positive and the second half is overwritten with their
+  captions, each paired with the image of another first-half row (a random cyclic
+  derangement). Every caption and every image of the batch then occurs once matched
+  and once mismatched, so the caption-only and image-only parts of the ITM gradient
+  cancel inside the batch and only the interaction is left. This is the lever that
+  makes a from-scratch model leave ITM's chance plateau in a few hundred CPU steps
+  (README, "Why balanced ITM batches"); the price is B/2 distinct pairs per batch.
+  An odd last real row stays positive.
+
+  Either way nothing is masked, padding rows (example_mask False) are never
+  negatives nor partners, and a negative without any partner of another image_id
+  stays positive and is counted in `stats['itm_no_negative']`.
 
   Returns:
     New batch with swapped image fields and `itm_target [B] int32` (1 = match).
   """
   _require(batch, ITM_IMAGE_KEYS, 'itm')
+  if negatives not in ITM_NEGATIVES:
+    raise ValueError(f'unknown ITM negatives {negatives!r}; expected one of {ITM_NEGATIVES}')
   image_id = np.asarray(batch['image_id'])
   b = image_id.shape[0]
   usable = np.asarray(batch.get('example_mask', np.ones(b, bool)), bool)
+  if negatives == 'balanced':
+    return _balanced_itm_batch(batch, rng, neg_prob, usable, stats)
   negative = (rng.random(b) < neg_prob) & usable
   partner, found = _draw_partners(image_id, usable, rng)
   _bump(stats, 'itm_no_negative', np.sum(negative & ~found))
@@ -232,6 +252,40 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   for key in ITM_IMAGE_KEYS:
     out[key] = np.asarray(batch[key])[source]
   out['itm_target'] = (~negative).astype(np.int32)
+  return out
+
+
+def _balanced_itm_batch(batch, rng, neg_prob, usable, stats) -> dict:
+  if neg_prob != 0.5:
+    raise ValueError(f'balanced ITM negatives pair every caption once with its image '
+                     f'and once without: itm_neg_prob must be 0.5, got {neg_prob}')
+  image_id = np.asarray(batch['image_id'])
+  b = image_id.shape[0]
+  real = np.flatnonzero(usable)
+  half = len(real) // 2
+  anchors, copies = real[:half], real[half:2 * half]
+  # A single random cycle over the anchors never maps a row to itself; rows whose
+  # cycle neighbour shows the same image (two captions of one image in the batch)
+  # draw another anchor of a different image instead.
+  order = rng.permutation(half)
+  partner = np.empty(half, np.int64)
+  partner[order] = order[(np.arange(half) + 1) % max(half, 1)]
+  found = image_id[anchors[partner]] != image_id[anchors]
+  if not found.all():
+    redraw, ok = _draw_partners(image_id[anchors], np.ones(half, bool), rng)
+    fix = ~found
+    partner[fix], found[fix] = redraw[fix], ok[fix]
+  _bump(stats, 'itm_no_negative', np.sum(~found))
+  text_source = np.arange(b)
+  text_source[copies] = anchors
+  image_source = text_source.copy()
+  image_source[copies] = np.where(found, anchors[partner], anchors)
+  out = {k: np.asarray(v)[text_source] for k, v in batch.items()}
+  for key in ITM_IMAGE_KEYS:
+    out[key] = np.asarray(batch[key])[image_source]
+  target = np.ones(b, np.int32)
+  target[copies] = (~found).astype(np.int32)
+  out['itm_target'] = target
   return out
 
 

@@ -12,19 +12,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vlp import pretrained
-from vlp.data.batching import BatchSpec
 from vlp.dist import global_batch, sharding as sharding_lib
 from vlp.train.job import EvalContext
-
-
-def batch_spec(config: ml_collections.ConfigDict, batch_size: int) -> BatchSpec:
-  return BatchSpec(
-      batch_size=batch_size, max_text_len=config.max_text_len,
-      max_regions=config.max_regions, feature_dim=config.feature_dim,
-      num_region_classes=config.num_region_classes,
-      max_mlm_predictions=config.max_mlm_predictions,
-      max_mrm_predictions=config.max_mrm_predictions, mlm_prob=config.mlm_prob,
-      mrm_prob=config.mrm_prob, itm_neg_prob=config.itm_neg_prob)
 
 
 def eval_rows_per_process(ctx: EvalContext) -> int:

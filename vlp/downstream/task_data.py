@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from vlp.data import downstream_records, scenes
+from vlp.data.batching import BatchSpec
 from vlp.data.tokenizer import Tokenizer
-from vlp.downstream import common
 from vlp.train import pretrain_data
 
 
@@ -90,7 +90,7 @@ class TaskData:
     if task == "vqa":
       self.answers = (scenes.answer_vocab(self.builder) if self.layout == "images"
                       else downstream_records.answer_vocab(self.builder))
-    self.spec = common.batch_spec(config, config.batch_size // self.num_shards)
+    self.spec = BatchSpec.from_config(config, config.batch_size // self.num_shards)
     self._eval: dict = {}
 
   def train_iterator(self, kind_for_index=None, start_index: int = 0):
@@ -109,7 +109,7 @@ class TaskData:
     key = (os.fspath(builder.data_dir), split, local_batch)
     if key not in self._eval:
       self._eval[key] = downstream_records.make_task_eval_dataset(
-          builder, common.batch_spec(self.config, local_batch), task=self.task,
+          builder, BatchSpec.from_config(self.config, local_batch), task=self.task,
           tokenizer=self.tokenizer, split=split, process_index=jax.process_index(),
           process_count=jax.process_count(), answers=self.answers)
     return self._eval[key]

@@ -141,13 +141,7 @@ class PretrainData:
     self.shards = shards_for_rows(rows, config.batch_size, self.num_shards)
     self.builder = open_builder(config)
     self.tokenizer = tokenizer_for(config, self.builder)
-    self.spec = BatchSpec(
-        batch_size=config.batch_size // self.num_shards, max_text_len=config.max_text_len,
-        max_regions=config.max_regions, feature_dim=config.feature_dim,
-        num_region_classes=config.num_region_classes,
-        max_mlm_predictions=config.max_mlm_predictions,
-        max_mrm_predictions=config.max_mrm_predictions, mlm_prob=config.mlm_prob,
-        mrm_prob=config.mrm_prob, itm_neg_prob=config.itm_neg_prob)
+    self.spec = BatchSpec.from_config(config, config.batch_size // self.num_shards)
 
   def train_iterator(self, kind_for_index, start_index: int = 0):
     its = [pipeline.make_train_iterator(

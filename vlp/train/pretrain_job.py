@@ -20,7 +20,7 @@ from vlp.models.pretraining import UniterForPretraining
 from vlp.tasks import TASKS, make_loss_fn
 from vlp.train import evaluation, pretrain_data
 from vlp.train.job import EvalContext, Job
-from vlp.train.task_mix import task_kwargs
+from vlp.train.task_mix import loss_weights, task_kwargs, weighted
 
 
 def make_pretrain_job(config: ml_collections.ConfigDict, rows: np.ndarray) -> Job:
@@ -30,10 +30,12 @@ def make_pretrain_job(config: ml_collections.ConfigDict, rows: np.ndarray) -> Jo
   unknown = sorted(set(names) - set(TASKS))
   if unknown:
     raise ValueError(f"config.tasks names unknown task(s) {unknown}; known: {sorted(TASKS)}")
+  weights = loss_weights(config, names, TASKS)
   return Job(
       data=data,
       make_model=functools.partial(UniterForPretraining, model_cfg),
-      loss_fns={n: make_loss_fn(n, **task_kwargs(config, n)) for n in names},
+      loss_fns={n: weighted(make_loss_fn(n, **task_kwargs(config, n)), weights[n])
+                for n in names},
       batch_kinds={n: TASKS[n].batch_kind for n in names},
       evaluate=functools.partial(evaluate_pretraining, data=data),
       model_info={"model_class": "UniterForPretraining",

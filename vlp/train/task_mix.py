@@ -8,7 +8,7 @@ picks the same tasks as an uninterrupted one.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -50,3 +50,34 @@ def task_kwargs(config, name: str) -> dict:
     return dict(wra_weight=config.wra_weight, ot_beta=config.ot_beta,
                 ot_iterations=config.ot_iterations, ot_k=config.ot_k)
   return {}
+
+
+def loss_weights(config, names, known) -> dict[str, float]:
+  """Per-task multipliers of the loss (and so of the gradient); 1 where unset.
+
+  With one AdamW state shared by all tasks, a task whose gradients are much smaller
+  than the others' moves the weights little: the second-moment estimate is set by
+  the large ones. ITM near its chance plateau is such a task on the tiny model
+  (gradient norm ~0.05 against ~1-2 for MLM), so the tiny config weights it up.
+  """
+  weights = dict(config.get("loss_weights") or {})
+  unknown = sorted(set(weights) - set(known))
+  if unknown:
+    raise ValueError(f"config.loss_weights names unknown task(s) {unknown}; "
+                     f"known: {sorted(known)}")
+  bad = {k: v for k, v in weights.items() if not float(v) > 0}
+  if bad:
+    raise ValueError(f"config.loss_weights must be positive, got {bad}")
+  return {n: float(weights.get(n, 1.0)) for n in names}
+
+
+def weighted(loss_fn: Callable, weight: float) -> Callable:
+  """`loss_fn` with its loss scaled by `weight`; its metrics are left unscaled."""
+  if weight == 1.0:
+    return loss_fn
+
+  def scaled(model, batch, rng):
+    loss, metrics = loss_fn(model, batch, rng)
+    return loss * weight, metrics
+
+  return scaled
