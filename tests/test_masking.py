@@ -243,6 +243,11 @@ def test_itm_balanced_same_image_everywhere_counted_and_rejects_other_ratio():
     masking.make_itm_batch(batch, rng, neg_prob=0.3, negatives='balanced')
   with pytest.raises(ValueError, match='unknown ITM negatives'):
     masking.make_itm_batch(batch, rng, negatives='hard')
+  # A config that asks for both fails when its BatchSpec is built, before any batch.
+  from vlp.data.batching import BatchSpec
+  with pytest.raises(ValueError, match='itm_neg_prob must be 0.5'):
+    BatchSpec(batch_size=4, max_text_len=8, max_regions=4, feature_dim=8,
+              itm_neg_prob=0.3, itm_negatives='balanced')
 
 
 @pytest.mark.parametrize('kind', ['mlm', 'mrm', 'itm'])

@@ -60,9 +60,8 @@ class BatchSpec:
       raise ValueError(f'batch_size and max_regions must be positive: {self}')
     if self.max_text_len < 3:
       raise ValueError(f'max_text_len counts [CLS] and [SEP]; need >= 3: {self}')
-    if self.itm_negatives not in masking.ITM_NEGATIVES:
-      raise ValueError(f'itm_negatives must be one of {masking.ITM_NEGATIVES}, got '
-                       f'{self.itm_negatives!r}')
+    # At construction, not at the first ITM batch inside a reader thread.
+    masking.check_itm_options(self.itm_negatives, self.itm_neg_prob)
 
   @classmethod
   def from_config(cls, config, batch_size: int) -> 'BatchSpec':

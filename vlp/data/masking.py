@@ -208,6 +208,15 @@ def _draw_partners(image_id: np.ndarray, usable: np.ndarray, rng: np.random.Gene
 ITM_NEGATIVES = ('random', 'balanced')
 
 
+def check_itm_options(negatives: str, neg_prob: float) -> None:
+  """Raises ValueError for an unknown sampler or a ratio that `balanced` cannot give."""
+  if negatives not in ITM_NEGATIVES:
+    raise ValueError(f'unknown ITM negatives {negatives!r}; expected one of {ITM_NEGATIVES}')
+  if negatives == 'balanced' and neg_prob != 0.5:
+    raise ValueError(f'balanced ITM negatives pair every caption once with its image '
+                     f'and once without: itm_neg_prob must be 0.5, got {neg_prob}')
+
+
 def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
                    neg_prob: float = 0.5, negatives: str = 'random',
                    stats: MutableMapping[str, int] | None = None) -> dict:
@@ -225,7 +234,7 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   and once mismatched, so the caption-only and image-only parts of the ITM gradient
   cancel inside the batch and only the interaction is left. This is the lever that
   makes a from-scratch model leave ITM's chance plateau in a few hundred CPU steps
-  (README, "Why balanced ITM batches"); the price is B/2 distinct pairs per batch.
+  (README, "The tiny demo: getting ITM off its plateau on a CPU"); the price is B/2 distinct pairs per batch.
   An odd last real row stays positive.
 
   Either way nothing is masked, padding rows (example_mask False) are never
@@ -236,13 +245,12 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
     New batch with swapped image fields and `itm_target [B] int32` (1 = match).
   """
   _require(batch, ITM_IMAGE_KEYS, 'itm')
-  if negatives not in ITM_NEGATIVES:
-    raise ValueError(f'unknown ITM negatives {negatives!r}; expected one of {ITM_NEGATIVES}')
+  check_itm_options(negatives, neg_prob)
   image_id = np.asarray(batch['image_id'])
   b = image_id.shape[0]
   usable = np.asarray(batch.get('example_mask', np.ones(b, bool)), bool)
   if negatives == 'balanced':
-    return _balanced_itm_batch(batch, rng, neg_prob, usable, stats)
+    return _balanced_itm_batch(batch, rng, image_id, usable, stats)
   negative = (rng.random(b) < neg_prob) & usable
   partner, found = _draw_partners(image_id, usable, rng)
   _bump(stats, 'itm_no_negative', np.sum(negative & ~found))
@@ -255,11 +263,7 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   return out
 
 
-def _balanced_itm_batch(batch, rng, neg_prob, usable, stats) -> dict:
-  if neg_prob != 0.5:
-    raise ValueError(f'balanced ITM negatives pair every caption once with its image '
-                     f'and once without: itm_neg_prob must be 0.5, got {neg_prob}')
-  image_id = np.asarray(batch['image_id'])
+def _balanced_itm_batch(batch, rng, image_id, usable, stats) -> dict:
   b = image_id.shape[0]
   real = np.flatnonzero(usable)
   half = len(real) // 2
