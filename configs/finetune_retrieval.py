@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.dual_dim = 0  # > 0 adds the dual-encoder head (train it with tasks.distill).
   c.student_scale = 6.0
   c.contrastive_weight = 0.0
-  c.two_stage_ks = [10, 20] if tiny else [16, 64, 128]
+  c.two_stage_ks = (10, 20) if tiny else (16, 64, 128)  # A tuple: overridable as "(4, 20)".
   # 0 = the whole split (Flickr30K / COCO Karpathy test: 1000 / 5000 images).
   c.eval_gallery_images = 100 if arg.data == "vlp_scenes" else 0
   return c

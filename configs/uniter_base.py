@@ -111,6 +111,9 @@ def get_config(arg=None):
   c.optimizer.eps = 1e-6
   c.optimizer.weight_decay = 0.01
   c.optimizer.grad_clip = 5.0
+  # Top-level modules left untrained, comma-separated (e.g. "uniter,itm_output,
+  # rank_output" to train only a retrieval model's dual-encoder head, as ALADIN does).
+  c.optimizer.frozen = ""
 
   # Evaluation (held-out MLM/ITM accuracy + zero-shot retrieval by ITM score).
   c.eval_batches = 4 if tiny else 20

@@ -35,6 +35,44 @@ def test_decay_mask_follows_reference_names():
   assert m["uniter"]["img_embeddings"]["img_linear"] == {"kernel": True, "bias": False}
 
 
+def _opt_cfg(**kw):
+  import ml_collections
+  return ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_steps=1, b1=0.9, b2=0.98,
+                                        eps=1e-6, weight_decay=0.01, grad_clip=1.0, **kw))
+
+
+def test_frozen_modules_take_no_update_and_leave_the_clip_norm():
+  import jax.numpy as jnp
+  assert optim.frozen_modules(_opt_cfg(frozen=" uniter , itm_output ")) == (
+      "uniter", "itm_output")
+  assert optim.frozen_modules(_opt_cfg()) == ()
+  params = {"uniter": {"w": jnp.ones((3,))}, "dual_output": {"kernel": jnp.ones((2,))}}
+  grads = {"uniter": {"w": jnp.full((3,), 100.0)},
+           "dual_output": {"kernel": jnp.array([3.0, 4.0])}}
+  tx, _ = optim.make_optimizer(_opt_cfg(frozen="uniter"), 10)
+  updates, state = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates["uniter"]["w"], 0.0)  # Weight decay included.
+  mu = optax_mu(state)
+  np.testing.assert_array_equal(mu["uniter"]["w"], 0.0)
+  # Clipped on the head's own norm 5: g = [0.6, 0.8], mu = (1 - b1) g.
+  np.testing.assert_allclose(mu["dual_output"]["kernel"], [0.06, 0.08], rtol=1e-6)
+  # First AdamW step: -lr (g / |g| + wd p) per entry (bias correction cancels).
+  np.testing.assert_allclose(updates["dual_output"]["kernel"], -0.1 * (1 + 0.01), rtol=1e-4)
+  # Unfrozen, the same gradients clip on the global norm sqrt(3 * 100^2 + 25).
+  tx_all, _ = optim.make_optimizer(_opt_cfg(), 10)
+  _, state_all = tx_all.update(grads, tx_all.init(params), params)
+  np.testing.assert_allclose(optax_mu(state_all)["dual_output"]["kernel"],
+                             0.1 * np.array([3.0, 4.0]) / np.sqrt(30025.0), rtol=1e-5)
+  bad, _ = optim.make_optimizer(_opt_cfg(frozen="uniter,backbone"), 10)
+  with pytest.raises(ValueError, match=r"frozen names \['backbone'\].*dual_output"):
+    bad.init(params)
+
+
+def optax_mu(state):
+  import optax
+  return optax.tree_utils.tree_get(state, "mu")
+
+
 def test_task_mix_is_deterministic_and_follows_ratios():
   ratios = {"mlm": 4, "mrfr": 2, "itm": 2}
   a, b = TaskMix(ratios, seed=3), TaskMix(ratios, seed=3)

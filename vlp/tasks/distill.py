@@ -26,7 +26,8 @@ L_kd = 0 exactly when the student reproduces the teacher's distributions.
 The teacher shares the backbone with the student here (the same
 `UniterForRetrieval`): its scores are recomputed with the current weights each
 step but never receive gradient. ALADIN's second stage freezes the backbone and
-trains only the matching head; freeze `uniter` in the optimizer for that.
+trains only the matching head: `--config.optimizer.frozen=uniter,itm_output,
+rank_output` (vlp.train.optim) does that, and the teacher is then fixed.
 """
 
 from __future__ import annotations

@@ -49,6 +49,11 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
+def _top(path) -> str:
+  """The top-level module name of a parameter path."""
+  return str(getattr(path[0], "key", path[0]))
+
+
 def scale_by_module(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
   """Multiplies the updates of top-level modules, e.g. {'vqa_output': 10.0}.
 
@@ -60,20 +65,61 @@ def scale_by_module(multipliers: Mapping[str, float]) -> optax.GradientTransform
   def update(updates, state, params=None):
     del params
     def scale(path, u):
-      top = str(getattr(path[0], "key", path[0]))
-      return u * multipliers[top] if top in multipliers else u
+      return u * multipliers[_top(path)] if _top(path) in multipliers else u
     return jax.tree_util.tree_map_with_path(scale, updates), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def frozen_modules(opt_cfg) -> tuple[str, ...]:
+  """Top-level module names in `opt_cfg.frozen` ("uniter,itm_output"; "" = none)."""
+  raw = opt_cfg.get("frozen", "") or ""
+  return tuple(name.strip() for name in str(raw).split(",") if name.strip())
+
+
+def _check_frozen(params, frozen: tuple[str, ...]) -> None:
+  if not isinstance(params, Mapping):  # optax.tree_map_params passes a placeholder.
+    return
+  unknown = sorted(set(frozen) - {str(k) for k in params})
+  if unknown:
+    raise ValueError(f"optimizer.frozen names {unknown}, which are not top-level modules "
+                     f"of this model; expected some of {sorted(map(str, params))}")
+
+
+def zero_modules(frozen: tuple[str, ...]) -> optax.GradientTransformation:
+  """Zeroes the gradients/updates of the top-level modules named in `frozen`.
+
+  Stateless; checks the names against the parameter tree at `init`.
+  """
+  def init(params):
+    _check_frozen(params, frozen)
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    _check_frozen(updates, frozen)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, u: jnp.zeros_like(u) if _top(p) in frozen else u, updates), state
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(opt_cfg, total_steps: int, *,
                    lr_multipliers: Mapping[str, float] | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW per `opt_cfg`; `lr_multipliers` scales top-level modules' learning rates."""
+  """AdamW per `opt_cfg`; `lr_multipliers` scales top-level modules' learning rates.
+
+  `opt_cfg.frozen` (optional) names top-level modules that are not trained (ALADIN's
+  frozen backbone): their gradients are zeroed before clipping, so they neither
+  count in the clipping norm nor move Adam's moments, and their updates (weight
+  decay included) are zeroed after AdamW.
+  """
   schedule = warmup_linear_decay(opt_cfg.learning_rate, opt_cfg.warmup_steps, total_steps)
-  parts = [optax.clip_by_global_norm(opt_cfg.grad_clip),
+  frozen = frozen_modules(opt_cfg)
+  parts = [zero_modules(frozen)] if frozen else []
+  parts += [optax.clip_by_global_norm(opt_cfg.grad_clip),
            optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                        weight_decay=opt_cfg.weight_decay, mask=decay_mask)]
   if lr_multipliers:
     parts.append(scale_by_module(lr_multipliers))
+  if frozen:
+    parts.append(zero_modules(frozen))
   return optax.chain(*parts), schedule
