@@ -234,8 +234,8 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   and once mismatched, so the caption-only and image-only parts of the ITM gradient
   cancel inside the batch and only the interaction is left. This is the lever that
   makes a from-scratch model leave ITM's chance plateau in a few hundred CPU steps
-  (README, "The tiny demo: getting ITM off its plateau on a CPU"); the price is B/2 distinct pairs per batch.
-  An odd last real row stays positive.
+  (README, "The tiny demo: getting ITM off its plateau on a CPU"); the price is B/2
+  distinct pairs per batch. An odd last real row stays positive.
 
   Either way nothing is masked, padding rows (example_mask False) are never
   negatives nor partners, and a negative without any partner of another image_id
@@ -284,9 +284,9 @@ def _balanced_itm_batch(batch, rng, image_id, usable, stats) -> dict:
   text_source[copies] = anchors
   image_source = text_source.copy()
   image_source[copies] = np.where(found, anchors[partner], anchors)
-  out = {k: np.asarray(v)[text_source] for k, v in batch.items()}
-  for key in ITM_IMAGE_KEYS:
-    out[key] = np.asarray(batch[key])[image_source]
+  # One gather per field: image fields (img_feat is the largest) by image_source.
+  out = {k: np.asarray(v)[image_source if k in ITM_IMAGE_KEYS else text_source]
+         for k, v in batch.items()}
   target = np.ones(b, np.int32)
   target[copies] = (~found).astype(np.int32)
   out['itm_target'] = target
