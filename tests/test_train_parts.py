@@ -3,7 +3,10 @@
 import collections
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -36,13 +39,11 @@ def test_decay_mask_follows_reference_names():
 
 
 def _opt_cfg(**kw):
-  import ml_collections
   return ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_steps=1, b1=0.9, b2=0.98,
                                         eps=1e-6, weight_decay=0.01, grad_clip=1.0, **kw))
 
 
 def test_frozen_modules_take_no_update_and_leave_the_clip_norm():
-  import jax.numpy as jnp
   assert optim.frozen_modules(_opt_cfg(frozen=" uniter , itm_output ")) == (
       "uniter", "itm_output")
   assert optim.frozen_modules(_opt_cfg()) == ()
@@ -69,7 +70,6 @@ def test_frozen_modules_take_no_update_and_leave_the_clip_norm():
 
 
 def optax_mu(state):
-  import optax
   return optax.tree_utils.tree_get(state, "mu")
 
 

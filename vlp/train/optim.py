@@ -88,7 +88,8 @@ def _check_frozen(params, frozen: tuple[str, ...]) -> None:
 def zero_modules(frozen: tuple[str, ...]) -> optax.GradientTransformation:
   """Zeroes the gradients/updates of the top-level modules named in `frozen`.
 
-  Stateless; checks the names against the parameter tree at `init`.
+  Stateless; checks the names against the parameter tree once, at `init` (every
+  train state, fresh or restored, is built through `tx.init`).
   """
   def init(params):
     _check_frozen(params, frozen)
@@ -96,7 +97,6 @@ def zero_modules(frozen: tuple[str, ...]) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    _check_frozen(updates, frozen)
     return jax.tree_util.tree_map_with_path(
         lambda p, u: jnp.zeros_like(u) if _top(p) in frozen else u, updates), state
   return optax.GradientTransformation(init, update)
