@@ -90,7 +90,7 @@ def get_config(arg=None):
   # near its plateau has ~1/20 of MLM's gradient norm (vlp.train.task_mix). Tiny MLM
   # at weight 1 still pulls the shared weights away from ITM (measured: README).
   c.loss_weights = ml_collections.ConfigDict(
-      dict(mlm=0.2 if tiny else 1.0, mrfr=1.0, mrc=1.0, mrckl=1.0,
+      dict(mlm=0.5 if tiny else 1.0, mrfr=1.0, mrc=1.0, mrckl=1.0,
            itm=20.0 if tiny else 1.0))
   c.mlm_prob = 0.15
   c.mrm_prob = 0.15
