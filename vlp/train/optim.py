@@ -77,29 +77,26 @@ def frozen_modules(opt_cfg) -> tuple[str, ...]:
 
 
 def _check_frozen(params, frozen: tuple[str, ...]) -> None:
-  if not isinstance(params, Mapping):  # optax.tree_map_params passes a placeholder.
-    return
   unknown = sorted(set(frozen) - {str(k) for k in params})
   if unknown:
     raise ValueError(f"optimizer.frozen names {unknown}, which are not top-level modules "
                      f"of this model; expected some of {sorted(map(str, params))}")
 
 
-def zero_modules(frozen: tuple[str, ...]) -> optax.GradientTransformation:
-  """Zeroes the gradients/updates of the top-level modules named in `frozen`.
+def frozen_labels(frozen: tuple[str, ...]):
+  """`params -> tree of "frozen" | "trained"` by top-level module, for multi_transform.
 
-  Stateless; checks the names against the parameter tree once, at `init` (every
-  train state, fresh or restored, is built through `tx.init`).
+  Checks the names against the tree it is given (params at `init`, updates at
+  `update`). `optax.tree_map_params` calls `init` on one placeholder leaf instead
+  of a tree: that leaf stands for every parameter and is labelled "trained".
   """
-  def init(params):
+  def labels(params):
+    if not isinstance(params, Mapping):
+      return "trained"
     _check_frozen(params, frozen)
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
-    del params
-    return jax.tree_util.tree_map_with_path(
-        lambda p, u: jnp.zeros_like(u) if _top(p) in frozen else u, updates), state
-  return optax.GradientTransformation(init, update)
+    return {k: jax.tree.map(lambda _: "frozen" if str(k) in frozen else "trained", v)
+            for k, v in params.items()}
+  return labels
 
 
 def make_optimizer(opt_cfg, total_steps: int, *,
@@ -108,18 +105,21 @@ def make_optimizer(opt_cfg, total_steps: int, *,
   """AdamW per `opt_cfg`; `lr_multipliers` scales top-level modules' learning rates.
 
   `opt_cfg.frozen` (optional) names top-level modules that are not trained (ALADIN's
-  frozen backbone): their gradients are zeroed before clipping, so they neither
-  count in the clipping norm nor move Adam's moments, and their updates (weight
-  decay included) are zeroed after AdamW.
+  frozen backbone). They get no update (weight decay included), do not count in the
+  clipping norm, and hold no optimizer state: AdamW runs inside
+  `optax.multi_transform` on the trained modules only, so a frozen backbone costs
+  no Adam moments in memory or in checkpoints (their places in the state are
+  `optax.MaskedNode`s).
   """
   schedule = warmup_linear_decay(opt_cfg.learning_rate, opt_cfg.warmup_steps, total_steps)
-  frozen = frozen_modules(opt_cfg)
-  parts = [zero_modules(frozen)] if frozen else []
-  parts += [optax.clip_by_global_norm(opt_cfg.grad_clip),
+  parts = [optax.clip_by_global_norm(opt_cfg.grad_clip),
            optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                        weight_decay=opt_cfg.weight_decay, mask=decay_mask)]
   if lr_multipliers:
     parts.append(scale_by_module(lr_multipliers))
+  tx = optax.chain(*parts)
+  frozen = frozen_modules(opt_cfg)
   if frozen:
-    parts.append(zero_modules(frozen))
-  return optax.chain(*parts), schedule
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                               frozen_labels(frozen))
+  return tx, schedule

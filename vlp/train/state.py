@@ -43,8 +43,8 @@ def state_shardings(make_model, tx: optax.GradientTransformation, *, mesh: Mesh,
                     sharding_name: Any = "dp"):
   """(graphdef, TrainState of NamedShardings), from abstract shapes only.
 
-  Optimizer leaves that mirror a parameter (Adam's mu, nu) take its sharding;
-  the others (optax's step `count`) are replicated over the whole mesh rather
+  Optimizer leaves that mirror a parameter (Adam's mu, nu) take its sharding
+  (frozen modules have none: `optim.make_optimizer`); the others (optax's step `count`) are replicated over the whole mesh rather
   than left on one device, so the state can be fed back as `in_shardings`.
   """
   graphdef, abstract_params = split_abstract(make_model)
@@ -52,9 +52,11 @@ def state_shardings(make_model, tx: optax.GradientTransformation, *, mesh: Mesh,
   abstract_pure = nnx.to_pure_dict(abstract_params)
   sharding_lib.check_sufficiently_sharded(abstract_pure, p_sh, sharding_name, mesh, rules)
   replicated = NamedSharding(mesh, P())
+  # A MaskedNode (a frozen module's place in a multi_transform state) holds nothing.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_sh = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_pure), p_sh,
-      transform_non_params=lambda _: replicated)
+      tx, lambda v, s: v if masked(v) else s, jax.eval_shape(tx.init, abstract_pure), p_sh,
+      transform_non_params=lambda _: replicated, is_leaf=masked)
   return graphdef, TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated)
 
 
