@@ -20,6 +20,8 @@ import functools
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -34,6 +36,7 @@ from vlp.tasks import make_loss_fn
 from vlp.train import loop, optim, pretrain_data, step as step_lib
 from vlp.train.state import create_train_state, state_shardings
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4
 _LOOP = dict(total_steps=6, log_every=1, checkpoint_every=3, eval_every=0)
 
@@ -136,6 +139,23 @@ def test_when_the_runtime_initialises():
   assert runtime.wants_initialize("auto", None, env={"TPU_WORKER_HOSTNAMES": "a,b"})
   assert runtime.wants_initialize("on", None, env={})
   assert not runtime.wants_initialize("off", 4, env={})
+
+
+def test_cpu_devices_split_the_host_unless_the_environment_chose():
+  # An explicit choice in the environment wins; 0 keeps JAX's default.
+  forced = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert runtime.split_host_cpu(2, forced) is None
+  assert runtime.split_host_cpu(2, {"JAX_NUM_CPU_DEVICES": "4"}) is None
+  assert runtime.split_host_cpu(0, {}) is None
+  # Otherwise the CPU platform gets that many devices (in a fresh process: this one's
+  # backend is up already).
+  code = ("import jax; from vlp.dist import runtime; "
+          "assert runtime.split_host_cpu(3, {}) == 3; print(jax.device_count('cpu'))")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  out = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-1] == "3"
 
 
 def test_process_rows_and_data_shards():

@@ -22,7 +22,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/pretrain", "Checkpoints, metr
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  runtime.initialize_from_flags()  # Before anything touches the devices.
+  # Before anything touches the devices.
+  runtime.initialize_from_flags(cpu_devices=_CONFIG.value.get("cpu_devices", 0))
   from vlp.train import loop
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

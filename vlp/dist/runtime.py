@@ -159,8 +159,28 @@ def initialize(*, mode: str = "auto", coordinator_address: str | None = None,
   return True
 
 
-def initialize_from_flags() -> bool:
-  """`initialize` from the command-line flags and VLP_* environment variables."""
+def split_host_cpu(num_devices: int, env: Mapping[str, str] = os.environ) -> int | None:
+  """Makes JAX's CPU platform `num_devices` devices (config key `cpu_devices`).
+
+  On a few cores, a small model runs faster data-parallel over one device per
+  core than on one device whose ops XLA threads internally (the tiny config on 2
+  cores: about 1,300 examples/s against 880). It only shapes the CPU platform; a
+  GPU or TPU run is unaffected. An explicit choice in the environment wins
+  (`--xla_force_host_platform_device_count` in XLA_FLAGS, or JAX_NUM_CPU_DEVICES),
+  and 0 leaves JAX's default (one device). Must run before anything touches the
+  devices. Returns the count it set, or None.
+  """
+  if num_devices <= 0 or "JAX_NUM_CPU_DEVICES" in env or (
+      "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")):
+    return None
+  jax.config.update("jax_num_cpu_devices", int(num_devices))
+  return int(num_devices)
+
+
+def initialize_from_flags(*, cpu_devices: int = 0) -> bool:
+  """`initialize` from the command-line flags and VLP_* environment variables,
+  after `split_host_cpu(cpu_devices)`."""
+  split_host_cpu(cpu_devices)
   env = os.environ
   pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else _env_int(env, "VLP_PROCESS_ID")
   return initialize(
