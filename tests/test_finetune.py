@@ -81,25 +81,31 @@ def test_vqa(pretrained_dir, tmp_path):
   assert test_out["split"] == "test" and test_out["num_questions"] > 0
 
 
+def _restored_state(cfg, work):
+  """(job, graphdef, train state) of the latest checkpoint of a fine-tuning workdir."""
+  from vlp import checkpoint as ckpt_lib
+  from vlp.dist import mesh as mesh_lib, sharding as sharding_lib
+  from vlp.train import optim
+  from vlp.train.state import abstract_state, state_shardings
+  job = downstream.job_factory(cfg)(cfg, np.arange(cfg.batch_size))
+  mesh = mesh_lib.make_mesh(cfg.mesh, ONE)
+  tx, _ = optim.make_optimizer(cfg.optimizer, cfg.total_steps)
+  graphdef, sh = state_shardings(job.make_model, tx, mesh=mesh,
+                                 rules=sharding_lib.rules_for(cfg.sharding, mesh))
+  ckpt = ckpt_lib.Checkpointer(os.path.join(work, "checkpoints"), save_every=1, keep=1)
+  state, _ = ckpt.restore(ckpt.latest_step(), abstract_state(sh, job.make_model, tx))
+  ckpt.close()
+  return job, graphdef, state
+
+
 def test_grounding_accuracy_matches_numpy(pretrained_dir, tmp_path):
   cfg, work, out, losses = finetune("configs/finetune_refcoco.py:size=tiny,data=vlp_scenes",
                                     pretrained_dir, tmp_path, total_steps=10)
   # (That this loss falls is checked on a fixed batch in test_downstream_tasks.py.)
   assert all(np.isfinite(losses))
-  job = downstream.job_factory(cfg)(cfg, np.arange(cfg.batch_size))
   from vlp.downstream import grounding
-  from vlp.train.state import abstract_state, state_shardings
-  from vlp import checkpoint as ckpt_lib
-  from vlp.dist import mesh as mesh_lib, sharding as sharding_lib
-  from vlp.train import optim
   from flax import nnx
-  mesh = mesh_lib.make_mesh(cfg.mesh, ONE)
-  rules = sharding_lib.rules_for(cfg.sharding, mesh)
-  tx, _ = optim.make_optimizer(cfg.optimizer, cfg.total_steps)
-  graphdef, sh = state_shardings(job.make_model, tx, mesh=mesh, rules=rules)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(work, "checkpoints"), save_every=1, keep=1)
-  state, _ = ckpt.restore(ckpt.latest_step(), abstract_state(sh, job.make_model, tx))
-  ckpt.close()
+  job, graphdef, state = _restored_state(cfg, work)
   model = nnx.merge(graphdef, state.params)
   hits = n = 0
   for batch in job.data.eval_dataset("val", 40):
@@ -133,22 +139,6 @@ def test_retrieval_rank_head_from_itm(pretrained_dir, tmp_path):
   assert all(np.isfinite(losses))
 
 
-def _restored_state(cfg, work):
-  from vlp import checkpoint as ckpt_lib
-  from vlp.dist import mesh as mesh_lib, sharding as sharding_lib
-  from vlp.train import optim
-  from vlp.train.state import abstract_state, state_shardings
-  job = downstream.job_factory(cfg)(cfg, np.arange(cfg.batch_size))
-  mesh = mesh_lib.make_mesh(cfg.mesh, ONE)
-  tx, _ = optim.make_optimizer(cfg.optimizer, cfg.total_steps)
-  _, sh = state_shardings(job.make_model, tx, mesh=mesh,
-                          rules=sharding_lib.rules_for(cfg.sharding, mesh))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(work, "checkpoints"), save_every=1, keep=1)
-  state, _ = ckpt.restore(ckpt.latest_step(), abstract_state(sh, job.make_model, tx))
-  ckpt.close()
-  return state
-
-
 def test_frozen_backbone_holds_no_optimizer_state_and_resumes(pretrained_dir, tmp_path):
   """ALADIN's second stage: only the dual head trains; the checkpoint holds Adam
   moments for that head alone, and a restart resumes from it."""
@@ -158,7 +148,7 @@ def test_frozen_backbone_holds_no_optimizer_state_and_resumes(pretrained_dir, tm
   kw = dict(dual_dim=8, tasks={"retrieval_ft": 0, "distill": 1}, eval_every=0,
             eval_gallery_images=4, checkpoint_every=2, **{"optimizer.frozen": frozen})
   cfg, work, _, _ = finetune(*args, total_steps=2, **kw)
-  state = _restored_state(cfg, work)
+  _, _, state = _restored_state(cfg, work)
   opt_leaves = jax.tree.leaves(state.opt_state)
   dual_size = sum(x.size for x in jax.tree.leaves(state.params["dual_output"]))
   # mu and nu of the dual head, plus AdamW's and the schedule's step counts.
@@ -166,7 +156,7 @@ def test_frozen_backbone_holds_no_optimizer_state_and_resumes(pretrained_dir, tm
   # Resume to step 4: the backbone is bit-identical to the pre-trained one.
   cfg, work, _, losses = finetune(*args, total_steps=4, **kw)
   assert len(losses) == 4 and all(np.isfinite(losses))  # Steps 1-2, then 3-4 resumed.
-  resumed = _restored_state(cfg, work)
+  _, _, resumed = _restored_state(cfg, work)
   assert int(resumed.step) == 4
   init, _, _ = ckpt_lib.restore_params(os.path.join(pretrained_dir[1], "checkpoints"))
   for a, b in zip(jax.tree.leaves(resumed.params["uniter"]), jax.tree.leaves(init["uniter"])):

@@ -65,7 +65,8 @@ def scale_by_module(multipliers: Mapping[str, float]) -> optax.GradientTransform
   def update(updates, state, params=None):
     del params
     def scale(path, u):
-      return u * multipliers[_top(path)] if _top(path) in multipliers else u
+      m = multipliers.get(_top(path))
+      return u if m is None else u * m
     return jax.tree_util.tree_map_with_path(scale, updates), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 

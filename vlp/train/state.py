@@ -44,8 +44,9 @@ def state_shardings(make_model, tx: optax.GradientTransformation, *, mesh: Mesh,
   """(graphdef, TrainState of NamedShardings), from abstract shapes only.
 
   Optimizer leaves that mirror a parameter (Adam's mu, nu) take its sharding
-  (frozen modules have none: `optim.make_optimizer`); the others (optax's step `count`) are replicated over the whole mesh rather
-  than left on one device, so the state can be fed back as `in_shardings`.
+  (frozen modules have none: `optim.make_optimizer`); the others (optax's step
+  `count`) are replicated over the whole mesh rather than left on one device, so
+  the state can be fed back as `in_shardings`.
   """
   graphdef, abstract_params = split_abstract(make_model)
   p_sh = sharding_lib.param_shardings(abstract_params, mesh, rules)
