@@ -6,7 +6,7 @@ WORKDIR ?= workdir/demo
 DATA_DIR ?= $(WORKDIR)/data
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo two-stage test install clean
 
 $(VENV)/.installed: requirements.txt setup.cfg
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo: $(VENV)/.installed
 	$(PY) -m vlp.finetune --config=configs/finetune_retrieval.py:size=tiny,data=vlp_scenes --workdir=$(WORKDIR)/ft_retrieval $(FT)
 	$(PY) -m vlp.finetune --config=configs/finetune_vqa.py:size=tiny,data=vlp_scenes --workdir=$(WORKDIR)/ft_vqa $(FT)
 	$(PY) -m vlp.finetune --config=configs/finetune_refcoco.py:size=tiny,data=vlp_scenes --workdir=$(WORKDIR)/ft_grounding $(FT)
+	$(PY) -m vlp.tools.demo_table $(WORKDIR)
+
+# After `make demo`: ALADIN's second stage on the demo's retrieval checkpoint (a
+# dual-encoder head distilled from the frozen cross-encoder, ~4 min), then the
+# table with full, dual-encoder and two-stage retrieval on the 300-image test split.
+two-stage: $(VENV)/.installed
+	$(PY) -m vlp.finetune --config=configs/finetune_retrieval.py:size=tiny,data=vlp_scenes,stage=dual --workdir=$(WORKDIR)/ft_retrieval_dual --config.data_dir=$(DATA_DIR) --config.init_from=$(WORKDIR)/ft_retrieval
 	$(PY) -m vlp.tools.demo_table $(WORKDIR)
 
 test: $(VENV)/.installed-torch

@@ -15,7 +15,7 @@ from scipy.special import erf
 
 from vlp.models.downstream import (PADDED_REGION_SCORE, UniterForGrounding,
                                    UniterForRetrieval, UniterForVqa, lr_multipliers)
-from vlp.models.uniter import FINETUNING_HEADS, torch_name_table
+from vlp.models.uniter import DUAL_LAYERS, FINETUNING_HEADS, torch_name_table
 from vlp.models.uniter_config import model_config
 
 B, T, K = 3, 6, 5
@@ -24,7 +24,7 @@ IMG_LEN = (5, 3, 1)
 A, E = 11, 8
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, img_dim=24,
              num_region_classes=7, vocab_size=50, max_position_embeddings=16)
-H = SMALL['hidden_size']
+H, I = SMALL['hidden_size'], SMALL['intermediate_size']
 
 
 def _cfg(**kw):
@@ -199,12 +199,42 @@ def test_rank_head_initialised_from_itm_match_row(retrieval):
   fresh = nnx.eval_shape(lambda: UniterForRetrieval(_cfg(num_layers=1), rngs=nnx.Rngs(3)))
   assert fresh.dual_output is None and fresh.torch_heads == ('itm_output', 'rank_output')
   with pytest.raises(ValueError, match='dual'):
-    fresh._dual(jnp.zeros((B, H)))
+    fresh._dual(jnp.zeros((B, T, H)), jnp.ones((B, T), bool), None)
 
 
 def test_retrieval_param_counts(retrieval):
   model, _ = retrieval
-  assert _count(model) == _count(model.uniter) + (2 * H + 2) + (H + 1) + (H * E + E)
+  layer = 4 * (H * H + H) + 2 * (2 * H) + (H * I + I) + (I * H + H)  # q k v o, 2 LN, FFN
+  assert _count(model.uniter.encoder[0]) == layer
+  assert (_count(model) == _count(model.uniter) + (2 * H + 2) + (H + 1)
+          + DUAL_LAYERS * layer + (H * E + E))
+
+
+@nnx.jit
+def _embedded(model, batch):
+  return model.uniter(batch['input_ids'], batch['txt_mask'], batch['img_feat'],
+                      batch['img_pos'], batch['img_mask'], num_layers=0)[0]
+
+
+def _dual_head_numpy(sd, x, mask, cfg):
+  """ALADIN's matching head in float64 numpy: DUAL_LAYERS post-LN layers, token 0, proj."""
+  lin = lambda y, n: y @ sd[f'{n}.weight'].T + sd[f'{n}.bias']
+  norm = lambda y, n: _ln(y, sd[f'{n}.weight'], sd[f'{n}.bias'])
+  n, d = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+  heads = lambda y: y.reshape(y.shape[0], -1, n, d).transpose(0, 2, 1, 3)
+  bias = (1.0 - mask.astype(np.float64))[:, None, None, :] * -10000.0
+  for i in range(DUAL_LAYERS):
+    p = f'dual_output.encoder.layer.{i}'
+    q, k, v = (heads(lin(x, f'{p}.attention.self.{w}')) for w in ('query', 'key', 'value'))
+    a = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d) + bias
+    a = np.exp(a - a.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    ctx = (a @ v).transpose(0, 2, 1, 3).reshape(x.shape[0], -1, cfg.hidden_size)
+    att = norm(lin(ctx, f'{p}.attention.output.dense') + x, f'{p}.attention.output.LayerNorm')
+    x = norm(lin(_gelu(lin(att, f'{p}.intermediate.dense')), f'{p}.output.dense') + att,
+             f'{p}.output.LayerNorm')
+  e = lin(x[:, 0], 'dual_output.proj')
+  return e / np.linalg.norm(e, axis=-1, keepdims=True)
 
 
 def test_dual_encodings_are_single_modality_and_unit_norm(retrieval):
@@ -213,16 +243,21 @@ def test_dual_encodings_are_single_modality_and_unit_norm(retrieval):
     assert out[name].shape == (B, E) and out[name].dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out[name], axis=-1), 1.0, atol=1e-5)
   sd = _torch_sd(model)
-  proj = lambda p: (p @ sd['dual_output.weight'].T + sd['dual_output.bias'])
-  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  # The head reads the embedding output: layer 0 of the backbone, not its last layer.
+  emb = np.asarray(_embedded(model, batch), np.float64)
+  assert not np.allclose(emb, _np(_forward(model, batch))['sequence'], atol=1e-2)
 
   # Text-only == the joint sequence with every region masked out.
   no_img = dict(batch, img_mask=np.zeros((B, K), bool))
-  want_txt = unit(proj(np.asarray(_pooled(model, no_img), np.float64)))
+  want_txt = _dual_head_numpy(sd, np.asarray(_embedded(model, no_img), np.float64),
+                              np.concatenate([no_img['txt_mask'], no_img['img_mask']], 1),
+                              model.cfg)
   np.testing.assert_allclose(out['txt'], want_txt, atol=1e-5)
   # Image-only == the joint sequence with only [CLS] left of the text.
   cls_only = dict(batch, txt_mask=np.arange(T)[None].repeat(B, 0) == 0)
-  want_img = unit(proj(np.asarray(_pooled(model, cls_only), np.float64)))
+  want_img = _dual_head_numpy(sd, np.asarray(_embedded(model, cls_only), np.float64),
+                              np.concatenate([cls_only['txt_mask'], batch['img_mask']], 1),
+                              model.cfg)
   np.testing.assert_allclose(out['img'], want_img, atol=1e-5)
 
   # Each encoding ignores the other modality entirely.
@@ -290,7 +325,8 @@ def test_logical_axis_names_on_every_parameter():
   assert names(m['re1'])[('re_output', 'kernel')] == ('embed', None)
   dual = names(m['dual'])
   assert dual[('rank_output', 'kernel')] == ('embed', None)
-  assert dual[('dual_output', 'kernel')] == ('embed', None)
+  assert dual[('dual_output', 'proj', 'kernel')] == ('embed', None)
+  assert dual[('dual_output', 'encoder', 1, 'intermediate', 'dense', 'kernel')] == ('embed', 'mlp')
 
 
 def test_bf16_compute_keeps_float32_heads():

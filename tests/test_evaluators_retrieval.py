@@ -234,3 +234,23 @@ def test_two_stage_errors():
     two_stage_recall(img, txt, txt2img, lambda i, j: np.full(len(i), np.nan), k=2)
   with pytest.raises(ValueError, match="differ in width"):
     two_stage_recall(img, txt[:, :2], txt2img, PairScorer(cross), k=2)
+
+
+def test_demo_table_two_stage_rows(tmp_path):
+  """`make two-stage` prints full / dual / two-stage rows in k order with pair shares."""
+  import json
+  from vlp.tools import demo_table
+  keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+  row = lambda v, pairs, sec: dict({k: v for k in keys}, pairs_scored=pairs, seconds=sec)
+  (tmp_path / "ft_retrieval_dual").mkdir()
+  with open(tmp_path / "ft_retrieval_dual" / "eval_test.json", "w") as f:
+    json.dump({"num_images": 300, "num_captions": 1500, "full": row(15.7, 450000, 78.4),
+               "two_stage_k20": row(16.7, 30111, 8.7), "dual": row(11.3, 0, 3.0),
+               "two_stage_k10": row(14.3, 15228, 6.3)}, f)
+  lines = demo_table.two_stage_table(str(tmp_path)).splitlines()
+  assert "300 images x 1500 captions (450000 pairs)" in lines[0]
+  assert [line[:16].strip() for line in lines[2:]] == [
+      "full ranking", "dual encoder", "two-stage k=10", "two-stage k=20"]
+  assert lines[-1].split()[2] == "16.7" and "30111 ( 6.7 %)" in lines[-1]
+  assert "450000 (100.0 %)" in lines[2]
+  assert demo_table.two_stage_table(str(tmp_path / "absent")) is None

@@ -143,11 +143,13 @@ def test_frozen_backbone_holds_no_optimizer_state_and_resumes(pretrained_dir, tm
   """ALADIN's second stage: only the dual head trains; the checkpoint holds Adam
   moments for that head alone, and a restart resumes from it."""
   from vlp import checkpoint as ckpt_lib
-  frozen = "uniter,itm_output,rank_output"
-  args = ("configs/finetune_retrieval.py:size=tiny,data=vlp_scenes", pretrained_dir, tmp_path)
-  kw = dict(dual_dim=8, tasks={"retrieval_ft": 0, "distill": 1}, eval_every=0,
-            eval_gallery_images=4, checkpoint_every=2, **{"optimizer.frozen": frozen})
+  # The `stage=dual` preset sets the ALADIN second stage up (frozen modules, tasks).
+  args = ("configs/finetune_retrieval.py:size=tiny,data=vlp_scenes,stage=dual",
+          pretrained_dir, tmp_path)
+  kw = dict(dual_dim=8, eval_every=0, eval_gallery_images=4, checkpoint_every=2)
   cfg, work, _, _ = finetune(*args, total_steps=2, **kw)
+  assert cfg.optimizer.frozen == "uniter,itm_output,rank_output"
+  assert dict(cfg.tasks) == {"retrieval_ft": 0, "distill": 1}
   _, _, state = _restored_state(cfg, work)
   opt_leaves = jax.tree.leaves(state.opt_state)
   dual_size = sum(x.size for x in jax.tree.leaves(state.params["dual_output"]))

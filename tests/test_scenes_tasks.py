@@ -246,7 +246,7 @@ def _decoded(value):
 
 def test_builder_stores_tasks_of_the_record_scene(built):
   builder, tok = built
-  assert builder.version == vlp_scenes.TASKS_VERSION
+  assert builder.version == vlp_scenes.CURRENT_VERSION
   assert scenes.answer_vocab(builder) == list(scenes_tasks.ANSWER_VOCAB)
   world = scenes_world.SceneWorld(0, 64)
   for split, n in (('train', 200), ('val', 40), ('test', 100)):

@@ -123,7 +123,7 @@ def head_options(params: Mapping) -> dict[str, int]:
   if 'vqa_output' in params:
     opts['num_answers'] = int(params['vqa_output'][3]['kernel'].shape[-1])
   if 'dual_output' in params:
-    opts['dual_dim'] = int(params['dual_output']['kernel'].shape[-1])
+    opts['dual_dim'] = int(params['dual_output']['proj']['kernel'].shape[-1])
   return opts
 
 

@@ -49,7 +49,7 @@ def prepare_scenes(data_dir: str | os.PathLike, *, feature_dim: int = 64,
   Args:
     data_dir: tfds data dir; data land in `<data_dir>/vlp_scenes/<config>/<version>/`.
     feature_dim: region feature size, 64 (tiny models) or 2048 (base models).
-    size: 'demo' (6000/200/100 images) or 'small' (200/40/100, for tests).
+    size: 'demo' (6000/200/300 images) or 'small' (200/40/100, for tests).
     version: None (the newest) or an older supported version ('1.0.0'), which must
       have been prepared already (only the newest version can be generated).
   """

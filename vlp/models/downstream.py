@@ -17,25 +17,29 @@ the whole tree:
   ranking score), initialised from the ITM head's "match" row; ``itm_output``
   stays in the tree, as in the reference, so that a pre-training checkpoint loads
   and `init_rank_from_itm` can copy it (spec §5.1). Optionally ``dual_output``:
-  the dual-encoder projection of the ALADIN-style two-stage mode (see below).
+  the dual-encoder head of the ALADIN-style two-stage mode (see below).
 
 Dual-encoder (single-modality) encodings
 ----------------------------------------
-The dual encoder runs the *same* backbone on one modality at a time, so that
-captions and images can be embedded independently and searched by a dot product:
+The dual encoder embeds captions and images independently, so that a gallery can
+be searched by a dot product. ``dual_output`` is ALADIN's matching head: a
+`DUAL_LAYERS`-layer transformer (the backbone's layer, width and heads) shared by
+both modalities, whose first-token output goes through a Linear H->E and is
+L2-normalised in float32: e = W h_0 / ||W h_0||.
+
+It reads the backbone's *embedding* output (`Uniter(..., num_layers=0)`), not its
+last layer. ALADIN taps the last layer of a backbone trained disentangled; a
+single-stream backbone only ever saw ``[text | regions]`` together, and run on one
+modality its last layer collapses (the demo's fine-tuned cross-encoder, text only:
+token-token cosine 0.995 at layer 3, 0.29 at the embeddings; a head on the last
+layer stayed at chance). The inputs are
 
 * text-only: ``[text T]``, i.e. the batch's text with zero regions (the image
-  slice is ``[:, :0]``). This equals running ``[text | regions]`` with every
-  region masked out (``img_mask`` all False) up to the exp(-10000) = 0 of the
-  attention mask, without paying for the K masked regions.
+  slice is ``[:, :0]``). This equals the joint sequence with every region masked
+  out (``img_mask`` all False) up to the exp(-10000) = 0 of the attention mask.
 * image-only: ``[[CLS] | regions K]``: only the first text token ([CLS], whose
-  output the pooler reads) is kept, every word is dropped. [CLS] contributes the
-  same input embedding to every image, so the encoding depends on the image only.
-
-Either way the backbone's pooled [CLS] output goes through ``dual_output``
-(Linear H->E) and is L2-normalised in float32: e = W p / ||W p||. One projection
-is shared by both modalities (as ALADIN's matching head is); the cosine
-similarity of a caption and an image is then e_t . e_v.
+  output is read) is kept, every word is dropped. [CLS] contributes the same
+  input embedding to every image, so the encoding depends on the image only.
 
 All head outputs are float32 (bf16 compute elsewhere, as in `UniterForPretraining`).
 """
@@ -48,8 +52,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp.models.layers import Dense, Gelu, LayerNorm
-from vlp.models.uniter import Uniter
+from vlp.models.layers import Dense, Gelu, LayerNorm, attention_bias
+from vlp.models.uniter import DUAL_LAYERS, BertLayer, Uniter
 from vlp.models.uniter_config import UniterConfig
 
 # The reference's masked_fill value for padded regions' RE scores.
@@ -169,6 +173,23 @@ class UniterForGrounding(nnx.Module):
     return dict(sequence=sequence, pooled=pooled, region_scores=scores)
 
 
+class DualEncoderHead(nnx.Module):
+  """ALADIN's matching head: `DUAL_LAYERS` transformer layers, first token, Linear H->E."""
+
+  def __init__(self, cfg: UniterConfig, dual_dim: int, *, rngs: nnx.Rngs):
+    self.encoder = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(DUAL_LAYERS)])
+    self.proj = Dense(cfg.hidden_size, dual_dim, cfg, names=('embed', None), rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array, *,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Embedded tokens [B, L, H] (mask [B, L]) -> [B, E] float32 unit vectors."""
+    bias = attention_bias(mask)
+    for layer in self.encoder:
+      x = layer(x, bias, rngs=rngs)
+    e = self.proj(x[:, 0], out_dtype=jnp.float32)
+    return e * jax.lax.rsqrt(jnp.maximum(jnp.sum(e * e, -1, keepdims=True), 1e-12))
+
+
 class UniterForRetrieval(nnx.Module):
   """Cross-encoder ranking head `rank_output` (+ `itm_output`), optional dual encoder.
 
@@ -190,7 +211,7 @@ class UniterForRetrieval(nnx.Module):
     h = cfg.hidden_size
     self.itm_output = Dense(h, 2, cfg, names=('embed', None), rngs=rngs)
     self.rank_output = Dense(h, 1, cfg, names=('embed', None), rngs=rngs)
-    self.dual_output = (Dense(h, dual_dim, cfg, names=('embed', None), rngs=rngs)
+    self.dual_output = (DualEncoderHead(cfg, dual_dim, rngs=rngs)
                         if dual_dim is not None else None)
     self.init_rank_from_itm()
 
@@ -217,25 +238,25 @@ class UniterForRetrieval(nnx.Module):
     sequence, pooled = _backbone(self, batch, rngs)
     return dict(sequence=sequence, pooled=pooled, rank_scores=self.rank_scores(pooled))
 
-  def _dual(self, pooled: jax.Array) -> jax.Array:
+  def _dual(self, tokens: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
     if self.dual_output is None:
       raise ValueError('this UniterForRetrieval has no dual-encoder head (dual_dim=None)')
-    e = self.dual_output(pooled, out_dtype=jnp.float32)
-    return e * jax.lax.rsqrt(jnp.maximum(jnp.sum(e * e, -1, keepdims=True), 1e-12))
+    return self.dual_output(tokens, mask.astype(bool), rngs=rngs)
 
   def encode_text(self, batch: Mapping[str, jax.Array], *,
                   rngs: nnx.Rngs | None = None) -> jax.Array:
     """Text-only encoding [B, E] float32, unit norm (`[text T]`, no regions)."""
-    img_feat = batch['img_feat'][:, :0]
-    _, pooled = self.uniter(batch['input_ids'], batch['txt_mask'], img_feat,
-                            batch['img_pos'][:, :0], batch['img_mask'][:, :0], rngs=rngs)
-    return self._dual(pooled)
+    tokens, _ = self.uniter(batch['input_ids'], batch['txt_mask'], batch['img_feat'][:, :0],
+                            batch['img_pos'][:, :0], batch['img_mask'][:, :0], rngs=rngs,
+                            num_layers=0)
+    return self._dual(tokens, batch['txt_mask'], rngs)
 
   def encode_image(self, batch: Mapping[str, jax.Array], *,
                    rngs: nnx.Rngs | None = None) -> jax.Array:
     """Image-only encoding [B, E] float32, unit norm (`[[CLS] | regions K]`)."""
     input_ids = batch['input_ids'][:, :1]
     txt_mask = jnp.ones(input_ids.shape, bool)
-    _, pooled = self.uniter(input_ids, txt_mask, batch['img_feat'], batch['img_pos'],
-                            batch['img_mask'], rngs=rngs)
-    return self._dual(pooled)
+    tokens, _ = self.uniter(input_ids, txt_mask, batch['img_feat'], batch['img_pos'],
+                            batch['img_mask'], rngs=rngs, num_layers=0)
+    return self._dual(tokens, jnp.concatenate([txt_mask, batch['img_mask'].astype(bool)], 1),
+                      rngs)

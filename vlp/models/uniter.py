@@ -62,7 +62,8 @@ re_output                                           re_output                   
 re_output.0                                         re_output/0                                   L
 re_output.2                                         re_output/2                                   N
 re_output.3                                         re_output/3                                   L
-dual_output                                         dual_output                                   L
+dual_output.encoder.layer.<j>.*                     dual_output/encoder/<j>/*                     (as above)
+dual_output.proj                                    dual_output/proj                              L
 =================================================== ============================================= =
 
 (The encoder list index ``<i>`` is an int path entry; torch has an extra ``layer``.)
@@ -73,8 +74,9 @@ pre-training heads). Fine-tuning models (`vlp.models.downstream`) name theirs in
 their ``torch_heads`` property: ``rank_output`` (retrieval, next to ``itm_output``),
 ``vqa_output`` (``.0``/``.2``/``.3``), ``re_output`` (a single Linear, the reference's
 ``mlp=1``) or ``re_output_mlp2`` (``re_output.{0,2,3}``, ``mlp=2``), and
-``dual_output``, the dual-encoder projection, which has no reference counterpart
-(its torch-style name only serves a round trip through our own exports).
+``dual_output``, the dual-encoder head (`DUAL_LAYERS` encoder layers, named as
+the backbone's, and the projection ``proj``), which has no reference counterpart
+(its torch-style names only serve a round trip through our own exports).
 
 Tied torch keys with no parameter of their own here (`TIED_TORCH_KEYS`):
 ``cls.predictions.decoder.weight`` is the word-embedding table (the MLM decoder
@@ -98,6 +100,8 @@ from vlp.models.layers import (Dense, Embed, LayerNorm, MultiHeadSelfAttention,
 from vlp.models.uniter_config import UniterConfig
 
 _HIDDEN = ('batch', 'length', 'embed')
+# Transformer layers of the dual-encoder (matching) head, as ALADIN's.
+DUAL_LAYERS = 2
 
 Transform = Literal['identity', 'transpose']
 
@@ -246,7 +250,8 @@ class Uniter(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, txt_mask: jax.Array, img_feat: jax.Array,
                img_pos: jax.Array, img_mask: jax.Array, img_masked: jax.Array | None = None,
-               *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+               *, rngs: nnx.Rngs | None = None, num_layers: int | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """Encodes `[text T | regions K]`.
 
     Args:
@@ -257,6 +262,8 @@ class Uniter(nnx.Module):
       img_mask: [B, K] bool, True on real regions.
       img_masked: optional [B, K] bool, MRM-masked regions (v_mask is added there).
       rngs: `nnx.Rngs` with a `dropout` stream, or None for deterministic.
+      num_layers: run only the first this many encoder layers (0: the embedding
+        output, which the dual-encoder head reads); None runs all.
 
     Returns:
       (sequence [B, T+K, H], pooled [B, H]), both in the compute dtype.
@@ -267,7 +274,8 @@ class Uniter(nnx.Module):
     x = constrain(jnp.concatenate([txt, img], axis=1), _HIDDEN)
     bias = attention_bias(jnp.concatenate([txt_mask.astype(bool), img_mask.astype(bool)], 1))
     apply = _apply_layer_remat if self.cfg.remat else _apply_layer
-    for layer in self.encoder:
+    depth = len(self.encoder) if num_layers is None else num_layers
+    for layer in list(self.encoder)[:depth]:
       x = apply(layer, x, bias, rngs)
     return x, self.pooler(x)
 
@@ -317,8 +325,7 @@ def torch_name_table(num_layers: int, heads: Sequence[str] = PRETRAINING_HEADS
   norm('uniter.img_embeddings.pos_layer_norm', img + ('pos_layer_norm',))
   embed('uniter.img_embeddings.mask_embedding', img + ('mask_embedding',))
   norm('uniter.img_embeddings.LayerNorm', img + ('LayerNorm',))
-  for i in range(num_layers):
-    t, p = f'uniter.encoder.layer.{i}', ('uniter', 'encoder', i)
+  def layer(t: str, p: tuple) -> None:
     for name in ('query', 'key', 'value'):
       linear(f'{t}.attention.self.{name}', p + ('attention', 'self', name))
     linear(f'{t}.attention.output.dense', p + ('attention', 'output', 'dense'))
@@ -326,6 +333,9 @@ def torch_name_table(num_layers: int, heads: Sequence[str] = PRETRAINING_HEADS
     linear(f'{t}.intermediate.dense', p + ('intermediate', 'dense'))
     linear(f'{t}.output.dense', p + ('output', 'dense'))
     norm(f'{t}.output.LayerNorm', p + ('output', 'LayerNorm'))
+
+  for i in range(num_layers):
+    layer(f'uniter.encoder.layer.{i}', ('uniter', 'encoder', i))
   linear('uniter.pooler.dense', ('uniter', 'pooler', 'dense'))
   for head in heads:
     if head == 'cls':
@@ -346,6 +356,10 @@ def torch_name_table(num_layers: int, heads: Sequence[str] = PRETRAINING_HEADS
       linear(f'{name}.0', (name, 0))
       norm(f'{name}.2', (name, 2))
       linear(f'{name}.3', (name, 3))
-    else:  # itm_output, rank_output, re_output, dual_output: one Linear
+    elif head == 'dual_output':  # DualEncoderHead: DUAL_LAYERS layers + Linear
+      for i in range(DUAL_LAYERS):
+        layer(f'dual_output.encoder.layer.{i}', ('dual_output', 'encoder', i))
+      linear('dual_output.proj', ('dual_output', 'proj'))
+    else:  # itm_output, rank_output, re_output: one Linear
       linear(head, (head,))
   return rows

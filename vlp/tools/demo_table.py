@@ -3,7 +3,9 @@ r"""Prints the demo's results as one table (pretraining and each fine-tuning).
   python -m vlp.tools.demo_table workdir/demo
 
 Reads WORKDIR/eval.json (pretraining) and the fine-tuning evaluations that
-`make demo` writes under WORKDIR/ft_retrieval, ft_vqa and ft_grounding.
+`make demo` writes under WORKDIR/ft_retrieval, ft_vqa and ft_grounding; after
+`make two-stage`, also the dual-encoder stage in WORKDIR/ft_retrieval_dual (the
+full ranking, the dual encoder alone and two-stage retrieval at each k).
 """
 
 from __future__ import annotations
@@ -26,6 +28,33 @@ _NOTE = ("baselines: retrieval R@1 chance = 100/N images; vqa_acc_majority = one
          "the most common, for every question; grounding_chance = a random region")
 
 
+_TWO_STAGE = "ft_retrieval_dual/eval_test.json"
+_TWO_STAGE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def two_stage_table(workdir: str) -> str | None:
+  """Full ranking vs dual encoder vs two-stage, with pairs scored and seconds."""
+  path = os.path.join(workdir, _TWO_STAGE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    ev = json.load(f)
+  total = ev["num_images"] * ev["num_captions"]
+  lines = [f"two-stage retrieval, {ev['num_images']} images x {ev['num_captions']} captions "
+           f"({total} pairs)",
+           f"{'mode':16s} " + " ".join(f"{k:>7s}" for k in _TWO_STAGE_KEYS)
+           + "  pairs scored      seconds"]
+  modes = [("full ranking", "full"), ("dual encoder", "dual")] + sorted(
+      ((f"two-stage k={k[len('two_stage_k'):]}", k) for k in ev if k.startswith("two_stage_k")),
+      key=lambda m: int(m[1][len("two_stage_k"):]))
+  for name, key in modes:
+    r = ev[key]
+    lines.append(f"{name:16s} " + " ".join(f"{r[k]:7.1f}" for k in _TWO_STAGE_KEYS)
+                 + f"  {r['pairs_scored']:7d} ({100 * r['pairs_scored'] / total:4.1f} %)"
+                 + f" {r['seconds']:7.1f}")
+  return "\n".join(lines)
+
+
 def table(workdir: str) -> str:
   lines = [f"{'stage':28s} metric values (percent unless *_acc of pretraining)"]
   for name, rel, keys in _ROWS:
@@ -45,3 +74,6 @@ if __name__ == "__main__":
   if len(sys.argv) != 2:
     sys.exit("usage: python -m vlp.tools.demo_table WORKDIR")
   print(table(sys.argv[1]))
+  extra = two_stage_table(sys.argv[1])
+  if extra:
+    print(extra)

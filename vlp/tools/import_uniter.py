@@ -211,8 +211,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg, *,
   options = {}
   if 'vqa_output' in heads and 'vqa_output.3.weight' in sd:
     options['num_answers'] = int(sd['vqa_output.3.weight'].shape[0])
-  if 'dual_output' in heads and 'dual_output.weight' in sd:
-    options['dual_dim'] = int(sd['dual_output.weight'].shape[0])
+  if 'dual_output' in heads and 'dual_output.proj.weight' in sd:
+    options['dual_dim'] = int(sd['dual_output.proj.weight'].shape[0])
   abstract = pretrained.flatten(pretrained.abstract_params(
       pretrained.model_factory(cfg, heads, options)))
   tied = {k: v for k, v in TIED_TORCH_KEYS.items() if k.split('.')[0] in heads}

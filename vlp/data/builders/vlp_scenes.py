@@ -19,6 +19,9 @@ the same atomic preparation:
   test): the questions in the official VQA v2 file format, for the official-style
   evaluator.
 
+Version 1.2.0 grows the demo configs' test split from 100 to 300 images; the
+first 100 test images, the train and val splits and `spm.model` are unchanged.
+
 Only the newest version can be generated (tfds' rule); data of 1.0.0 prepared
 by older code stay readable (`SUPPORTED_VERSIONS`).
 
@@ -45,10 +48,13 @@ SPM_FILENAME = 'spm.model'
 ANSWERS_FILENAME = 'answers.json'
 VQA_JSON_SPLITS = ('val', 'test')
 TASKS_VERSION = '1.1.0'  # first version with questions and refexps
+CURRENT_VERSION = '1.2.0'
 SPECIAL_PIECES = ('[CLS]', '[SEP]', '[MASK]')
 # Image ids of different splits never collide, whatever the split sizes.
 SPLIT_ID_BASE = {'train': 0, 'val': 10_000_000, 'test': 20_000_000}
-SIZES = {'demo': (6000, 200, 100), 'small': (200, 40, 100)}
+# 1.2.0: the demo test split grew from 100 to 300 images (ids 100..299 are new) so
+# that two-stage retrieval at k = 20 can score <= 10 % of the pairs (see README).
+SIZES = {'demo': (6000, 200, 300), 'small': (200, 40, 100)}
 FEATURE_DIMS = (64, 2048)
 
 
@@ -58,7 +64,7 @@ class VlpScenesConfig(tfds.core.BuilderConfig):
   feature_dim: int = 64
   num_train: int = 6000
   num_val: int = 200
-  num_test: int = 100
+  num_test: int = 300
   world_seed: int = 0
   spm_vocab_size: int = 1000
 
@@ -98,13 +104,15 @@ def train_spm(sentences, *, vocab_size: int = 1000) -> bytes:
 class VlpScenes(tfds.core.GeneratorBasedBuilder):
   """Synthetic scenes: region features, templated captions, questions, expressions."""
 
-  VERSION = tfds.core.Version(TASKS_VERSION)
-  SUPPORTED_VERSIONS = [tfds.core.Version('1.0.0')]
+  VERSION = tfds.core.Version(CURRENT_VERSION)
+  SUPPORTED_VERSIONS = [tfds.core.Version(TASKS_VERSION), tfds.core.Version('1.0.0')]
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
       '1.1.0': 'VQA questions and referring expressions per image; answers.json and '
                'VQA-format JSON for val/test; spm trained on captions + questions + '
                'expressions. Captions and image fields unchanged.',
+      '1.2.0': 'demo configs: the test split has 300 images (was 100); the first 100 '
+               'and every other split are byte-identical to 1.1.0.',
   }
   BUILDER_CONFIGS = _make_configs()
   DEFAULT_CONFIG_NAME = 'd64'
