@@ -62,11 +62,13 @@ re_output                                           re_output                   
 re_output.0                                         re_output/0                                   L
 re_output.2                                         re_output/2                                   N
 re_output.3                                         re_output/3                                   L
-dual_output.encoder.layer.<j>.*                     dual_output/encoder/<j>/*                     (as above)
+dual_output.encoder.layer.<j>.*                     dual_output/encoder/<j>/*                     *
 dual_output.proj                                    dual_output/proj                              L
 =================================================== ============================================= =
 
-(The encoder list index ``<i>`` is an int path entry; torch has an extra ``layer``.)
+(The encoder list index ``<i>`` is an int path entry; torch has an extra ``layer``.
+``*``: the leaves of a backbone layer, with its transforms; ``<j>`` runs over
+0..DUAL_LAYERS-1.)
 
 The rows after ``uniter.*`` are per head; `torch_name_table(num_layers, heads)` emits
 the backbone plus the heads named in ``heads`` (default `PRETRAINING_HEADS`, the four

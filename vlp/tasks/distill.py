@@ -27,7 +27,8 @@ The teacher shares the backbone with the student here (the same
 `UniterForRetrieval`): its scores are recomputed with the current weights each
 step but never receive gradient. ALADIN's second stage freezes the backbone and
 trains only the matching head: `--config.optimizer.frozen=uniter,itm_output,
-rank_output` (vlp.train.optim) does that, and the teacher is then fixed.
+rank_output` (vlp.train.optim) does that, and the teacher is then fixed; the
+`stage=dual` argument of configs/finetune_retrieval.py sets it all up.
 """
 
 from __future__ import annotations
