@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 	$(PY) -m vlp.tools.demo_table $(WORKDIR)
 
 # After `make demo`: ALADIN's second stage on the demo's retrieval checkpoint (a
-# dual-encoder head distilled from the frozen cross-encoder, ~4 min), then the
+# dual-encoder head distilled from the frozen cross-encoder, ~6 min), then the
 # table with full, dual-encoder and two-stage retrieval on the 300-image test split.
 two-stage: $(VENV)/.installed
 	$(PY) -m vlp.finetune --config=configs/finetune_retrieval.py:size=tiny,data=vlp_scenes,stage=dual --workdir=$(WORKDIR)/ft_retrieval_dual --config.data_dir=$(DATA_DIR) --config.init_from=$(WORKDIR)/ft_retrieval

@@ -444,3 +444,10 @@ def test_wordpiece_hand_cases(tmp_path):
     WordPieceTokenizer(tmp_path / 'bad.txt')
   with pytest.raises(FileNotFoundError, match='missing.txt'):
     WordPieceTokenizer(tmp_path / 'missing.txt')
+
+
+def test_head_options_read_the_dual_head_and_refuse_the_old_linear_one():
+  proj = {'kernel': np.zeros((4, 3)), 'bias': np.zeros(3)}
+  assert pretrained.head_options({'dual_output': {'encoder': {}, 'proj': proj}}) == {'dual_dim': 3}
+  with pytest.raises(ValueError, match='dual_output is a single Linear'):
+    pretrained.head_options({'dual_output': proj})

@@ -123,6 +123,10 @@ def head_options(params: Mapping) -> dict[str, int]:
   if 'vqa_output' in params:
     opts['num_answers'] = int(params['vqa_output'][3]['kernel'].shape[-1])
   if 'dual_output' in params:
+    if 'proj' not in params['dual_output']:
+      raise ValueError('dual_output is a single Linear (written by vlp before the dual head '
+                       'became a 2-layer matching head) and cannot be loaded; fine-tune the '
+                       'dual stage again (configs/finetune_retrieval.py:stage=dual)')
     opts['dual_dim'] = int(params['dual_output']['proj']['kernel'].shape[-1])
   return opts
 
