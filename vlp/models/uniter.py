@@ -276,8 +276,7 @@ class Uniter(nnx.Module):
     x = constrain(jnp.concatenate([txt, img], axis=1), _HIDDEN)
     bias = attention_bias(jnp.concatenate([txt_mask.astype(bool), img_mask.astype(bool)], 1))
     apply = _apply_layer_remat if self.cfg.remat else _apply_layer
-    depth = len(self.encoder) if num_layers is None else num_layers
-    for layer in list(self.encoder)[:depth]:
+    for layer in list(self.encoder)[:num_layers]:  # [:None] is every layer.
       x = apply(layer, x, bias, rngs)
     return x, self.pooler(x)
 

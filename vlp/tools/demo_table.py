@@ -14,11 +14,10 @@ import json
 import os
 import sys
 
+_RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 _ROWS = (
-    ("pretrain (zero-shot ITM)", "eval.json",
-     ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mlm_acc", "itm_acc")),
-    ("retrieval fine-tuned", "ft_retrieval/eval_test.json",
-     ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")),
+    ("pretrain (zero-shot ITM)", "eval.json", _RECALLS + ("mlm_acc", "itm_acc")),
+    ("retrieval fine-tuned", "ft_retrieval/eval_test.json", _RECALLS + ("rsum",)),
     ("VQA fine-tuned", "ft_vqa/eval_val.json", ("vqa_acc", "vqa_acc_majority")),
     ("grounding fine-tuned", "ft_grounding/eval_val.json",
      ("grounding_acc", "grounding_chance")),
@@ -29,7 +28,8 @@ _NOTE = ("baselines: retrieval R@1 chance = 100/N images; vqa_acc_majority = one
 
 
 _TWO_STAGE = "ft_retrieval_dual/eval_test.json"
-_TWO_STAGE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+_TWO_STAGE_KEYS = _RECALLS + ("rsum",)
+_K_PREFIX = "two_stage_k"  # eval keys two_stage_k<k>, one per k (vlp/downstream/retrieval.py)
 
 
 def two_stage_table(workdir: str) -> str | None:
@@ -44,9 +44,9 @@ def two_stage_table(workdir: str) -> str | None:
            f"({total} pairs)",
            f"{'mode':16s} " + " ".join(f"{k:>7s}" for k in _TWO_STAGE_KEYS)
            + "  pairs scored      seconds"]
-  modes = [("full ranking", "full"), ("dual encoder", "dual")] + sorted(
-      ((f"two-stage k={k[len('two_stage_k'):]}", k) for k in ev if k.startswith("two_stage_k")),
-      key=lambda m: int(m[1][len("two_stage_k"):]))
+  ks = sorted(int(key[len(_K_PREFIX):]) for key in ev if key.startswith(_K_PREFIX))
+  modes = [("full ranking", "full"), ("dual encoder", "dual")] + [
+      (f"two-stage k={k}", f"{_K_PREFIX}{k}") for k in ks]
   for name, key in modes:
     r = ev[key]
     lines.append(f"{name:16s} " + " ".join(f"{r[k]:7.1f}" for k in _TWO_STAGE_KEYS)
