@@ -130,12 +130,12 @@ def get_config(arg=None):
   # Scale-out: mesh axes (-1 = all remaining devices; an optional outer `dcn` axis
   # spans TPU slices or GPU hosts) and a sharding: a preset (dp | fsdp | fsdp_tp)
   # or a rule table such as "embed=fsdp,mlp=tensor,batch=data+fsdp" or
-  # "fsdp_tp,vocab=none" (vlp/dist/sharding.py). E.g. on 8 devices:
+  # "fsdp_tp,vocab=none" (vlp/parallel/sharding.py). E.g. on 8 devices:
   #   --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2 --config.sharding=fsdp_tp
   c.mesh = ml_collections.ConfigDict(dict(dcn=1, data=-1, fsdp=1, tensor=1))
   c.sharding = "dp"
   # On the CPU platform only: split the host into this many devices (0 = JAX's one).
   # Tiny: data-parallel over 2 per-core devices trains ~1.5x faster on 2 cores than
-  # one device (vlp/dist/runtime.py). XLA_FLAGS or JAX_NUM_CPU_DEVICES, if set, win.
+  # one device (vlp/parallel/runtime.py). XLA_FLAGS or JAX_NUM_CPU_DEVICES, if set, win.
   c.cpu_devices = 2 if tiny else 0
   return c

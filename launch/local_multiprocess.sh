@@ -10,7 +10,7 @@
 #   launch/local_multiprocess.sh 8 --gpus_per_process=1 -- python -m vlp.pretrain ...
 #
 # Process i gets VLP_COORDINATOR_ADDRESS=127.0.0.1:PORT (a free port, or $VLP_PORT),
-# VLP_NUM_PROCESSES=N and VLP_PROCESS_ID=i, which `vlp.dist.runtime` turns into
+# VLP_NUM_PROCESSES=N and VLP_PROCESS_ID=i, which `vlp.parallel.runtime` turns into
 # `jax.distributed.initialize`. --cpu_devices=K forces K host CPU devices per process
 # (JAX_PLATFORMS=cpu, XLA_FLAGS device count); --gpus_per_process=G gives process i
 # the GPUs i*G .. i*G+G-1 (CUDA_VISIBLE_DEVICES). Output lines are prefixed "[i] ";

@@ -8,7 +8,7 @@
 # The first run on a worker creates $VENV (default ~/vlp_venv) with the pinned
 # requirements plus jax[tpu] of the same version, and installs this checkout. Then it
 # runs `python -m MODULE ARGS...`. Every worker runs the same command: JAX detects the
-# TPU pod (workers, coordinator) from the TPU metadata and `vlp.dist.runtime` calls
+# TPU pod (workers, coordinator) from the TPU metadata and `vlp.parallel.runtime` calls
 # `jax.distributed.initialize`, so no process id or address is passed here.
 # The workdir must be on a file system all workers share. Environment passed
 # through: TFDS_DATA_DIR, VLP_*, PYTHON, VENV and anything exported before.

@@ -29,7 +29,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from test_train_loop import tiny_config
-from vlp.dist import global_batch, logical, mesh as mesh_lib, runtime, sharding as sharding_lib
+from vlp.parallel import global_batch, logical, mesh as mesh_lib, runtime, sharding as sharding_lib
 from vlp.models.pretraining import UniterForPretraining
 from vlp.models.uniter_config import model_config
 from vlp.tasks import make_loss_fn
@@ -149,7 +149,7 @@ def test_cpu_devices_split_the_host_unless_the_environment_chose():
   assert runtime.split_host_cpu(0, {}) is None
   # Otherwise the CPU platform gets that many devices (in a fresh process: this one's
   # backend is up already).
-  code = ("import jax; from vlp.dist import runtime; "
+  code = ("import jax; from vlp.parallel import runtime; "
           "assert runtime.split_host_cpu(3, {}) == 3; print(jax.device_count('cpu'))")
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   out = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu"),

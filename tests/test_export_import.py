@@ -30,7 +30,7 @@ import vlp
 from vlp import checkpoint as ckpt_lib, pretrained
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.wordpiece import WordPieceTokenizer
-from vlp.dist import mesh as mesh_lib, sharding as sharding_lib
+from vlp.parallel import mesh as mesh_lib, sharding as sharding_lib
 from vlp.models.downstream import UniterForVqa
 from vlp.models.pretraining import UniterForPretraining
 from vlp.models.uniter import TIED_TORCH_KEYS, torch_name_table

@@ -84,7 +84,7 @@ def test_vqa(pretrained_dir, tmp_path):
 def _restored_state(cfg, work):
   """(job, graphdef, train state) of the latest checkpoint of a fine-tuning workdir."""
   from vlp import checkpoint as ckpt_lib
-  from vlp.dist import mesh as mesh_lib, sharding as sharding_lib
+  from vlp.parallel import mesh as mesh_lib, sharding as sharding_lib
   from vlp.train import optim
   from vlp.train.state import abstract_state, state_shardings
   job = downstream.job_factory(cfg)(cfg, np.arange(cfg.batch_size))

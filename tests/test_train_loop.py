@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from vlp import config_lib
-from vlp.dist import mesh as mesh_lib, sharding as sharding_lib
+from vlp.parallel import mesh as mesh_lib, sharding as sharding_lib
 from vlp.models.pretraining import UniterForPretraining
 from vlp.tasks import TASKS, make_loss_fn
 from vlp.train import loop, optim, step as step_lib

@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from vlp.dist import logical, mesh as mesh_lib, sharding as sharding_lib
+from vlp.parallel import logical, mesh as mesh_lib, sharding as sharding_lib
 from vlp.train import optim
 from vlp.train.task_mix import TaskMix, loss_weights, weighted
 

@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vlp import config_lib
-from vlp.dist import runtime  # Defines the multi-host flags.
+from vlp.parallel import runtime  # Defines the multi-host flags.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)

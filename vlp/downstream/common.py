@@ -12,7 +12,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vlp import pretrained
-from vlp.dist import global_batch, sharding as sharding_lib
+from vlp.parallel import global_batch, sharding as sharding_lib
 from vlp.train.job import EvalContext
 
 

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vlp.dist import global_batch
+from vlp.parallel import global_batch
 from vlp.downstream import common
 from vlp.evaluators import retrieval as retrieval_eval
 from vlp.models.downstream import UniterForRetrieval

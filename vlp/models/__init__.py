@@ -1,6 +1,6 @@
 """UNITER encoder, heads and optimal transport.
 
-Parameters carry *logical* axis names as NNX ``out_sharding`` metadata; vlp.dist maps
+Parameters carry *logical* axis names as NNX ``out_sharding`` metadata; vlp.parallel maps
 them to mesh axes. Eager sharding is switched off so that creating a model never
 needs a mesh.
 """

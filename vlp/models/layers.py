@@ -1,7 +1,7 @@
 """Small NNX building blocks for the UNITER encoder and heads.
 
 Every parameter carries logical axis names (``out_sharding`` metadata set through
-`nnx.with_partitioning`); `vlp.dist` maps those names to mesh axes. Parameters are
+`nnx.with_partitioning`); `vlp.parallel` maps those names to mesh axes. Parameters are
 stored in ``cfg.param_dtype``; matmuls run in ``cfg.dtype`` (the compute dtype).
 Numerically sensitive parts (LayerNorm statistics, softmax) always run in float32.
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp.dist.logical import constrain
+from vlp.parallel.logical import constrain
 from vlp.models.uniter_config import UniterConfig
 
 Names = Sequence[str | None]

@@ -96,7 +96,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp.dist.logical import constrain
+from vlp.parallel.logical import constrain
 from vlp.models.layers import (Dense, Embed, LayerNorm, MultiHeadSelfAttention,
                                attention_bias, dropout, gelu)
 from vlp.models.uniter_config import UniterConfig

@@ -118,7 +118,7 @@ def report(config, devices: Sequence, *, tasks: Sequence[str] | None = None,
   optimizer bytes per device (no XLA compilation: seconds even for big models).
   """
   import jax
-  from vlp.dist import logical, mesh as mesh_lib, sharding as sharding_lib
+  from vlp.parallel import logical, mesh as mesh_lib, sharding as sharding_lib
   from vlp.models.pretraining import UniterForPretraining
   from vlp.tasks import TASKS, make_loss_fn
   from vlp.train import bench, flops as flops_lib, optim, step as step_lib

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vlp.dist import global_batch, logical, mesh as mesh_lib, sharding as sharding_lib
+from vlp.parallel import global_batch, logical, mesh as mesh_lib, sharding as sharding_lib
 from vlp.models.pretraining import UniterForPretraining
 from vlp.models.uniter_config import model_config
 from vlp.tasks import TASKS, make_loss_fn

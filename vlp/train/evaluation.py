@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlp.dist import global_batch
+from vlp.parallel import global_batch
 from vlp.evaluators import retrieval
 from vlp.train import step as step_lib
 
@@ -93,7 +93,7 @@ def score_pairs(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarra
   """Scores [P] of the given pairs, `batch_size` pairs per `score_fn` call.
 
   Every host builds the same pair batches and feeds only `rows` of each (its
-  `vlp.dist.global_batch.process_rows`; default: its contiguous share).
+  `vlp.parallel.global_batch.process_rows`; default: its contiguous share).
   """
   rows = np.arange(batch_size)[global_batch.split_for_process(batch_size)] if rows is None else rows
   scores = []

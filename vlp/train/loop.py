@@ -30,8 +30,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vlp import checkpoint as ckpt_lib
-from vlp.dist import global_batch, mesh as mesh_lib, sharding as sharding_lib
-from vlp.dist import logical, preemption as preemption_lib
+from vlp.parallel import global_batch, mesh as mesh_lib, sharding as sharding_lib
+from vlp.parallel import logical, preemption as preemption_lib
 from vlp.train import metrics as metrics_lib, optim, step as step_lib
 from vlp.train.job import EvalContext, JobFactory
 from vlp.train.pretrain_job import make_pretrain_job

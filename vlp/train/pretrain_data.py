@@ -8,7 +8,7 @@ Data shards. The global batch is cut into `config.data_shards` equal slices
 (0: one per process). Shard s always reads the same images, shuffles and masks
 with the same seeds, and fills rows [s*B/S, (s+1)*B/S) of every global batch;
 a process builds only the shards whose rows its devices hold (see
-`vlp.dist.global_batch.process_rows`). With a fixed number of shards the global
+`vlp.parallel.global_batch.process_rows`). With a fixed number of shards the global
 batches do not depend on how many processes read them, so 2 processes x 2
 devices train exactly like 1 process x 4 devices, and a run can resume on a
 different number of hosts with the same data order.

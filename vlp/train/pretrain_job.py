@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vlp.dist import global_batch, sharding as sharding_lib
+from vlp.parallel import global_batch, sharding as sharding_lib
 from vlp.models.pretraining import UniterForPretraining
 from vlp.tasks import TASKS, make_loss_fn
 from vlp.train import evaluation, pretrain_data

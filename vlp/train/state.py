@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vlp.dist import sharding as sharding_lib
+from vlp.parallel import sharding as sharding_lib
 
 
 @flax.struct.dataclass

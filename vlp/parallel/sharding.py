@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vlp.dist import logical
-from vlp.dist.mesh import AXIS_ORDER
+from vlp.parallel import logical
+from vlp.parallel.mesh import AXIS_ORDER
 
 BATCH_AXES = ("dcn", "data", "fsdp")
 

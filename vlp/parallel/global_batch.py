@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from vlp.dist import sharding as sharding_lib
+from vlp.parallel import sharding as sharding_lib
 
 
 def process_rows(mesh: Mesh, rules, global_size: int) -> np.ndarray:
