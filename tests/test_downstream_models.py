@@ -15,7 +15,8 @@ from scipy.special import erf
 
 from vlp.models.downstream import (PADDED_REGION_SCORE, UniterForGrounding,
                                    UniterForRetrieval, UniterForVqa, lr_multipliers)
-from vlp.models.uniter import DUAL_LAYERS, FINETUNING_HEADS, torch_name_table
+from vlp.models.torch_names import FINETUNING_HEADS, torch_name_table
+from vlp.models.uniter import DUAL_LAYERS
 from vlp.models.uniter_config import model_config
 
 B, T, K = 3, 6, 5

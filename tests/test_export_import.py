@@ -33,7 +33,7 @@ from vlp.data.wordpiece import WordPieceTokenizer
 from vlp.parallel import mesh as mesh_lib, sharding as sharding_lib
 from vlp.models.downstream import UniterForVqa
 from vlp.models.pretraining import UniterForPretraining
-from vlp.models.uniter import TIED_TORCH_KEYS, torch_name_table
+from vlp.models.torch_names import TIED_TORCH_KEYS, torch_name_table
 from vlp.models.uniter_config import model_config
 from vlp.tools import import_uniter
 from vlp.train.state import create_train_state

@@ -132,7 +132,7 @@ def test_vqa_v2_eval_batches_and_annotations(built):
   seen, lengths = [], set()
   for p in range(3):
     ev = dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, split='val',
-                                   process_index=p, process_count=3)
+                                   shards=[p], num_shards=3)
     lengths.add(len(ev))
     for batch in ev:
       _check_vqa_rows(batch, by_qid, built['feats'], expected_vocab(qs), tok)
@@ -178,8 +178,12 @@ def test_refcoco_batches_and_region_setting(built, kind):
     (batch,) = list(ev)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
         **COMMON, 'img_boxes': ((6, 5, 4), np.float32), 'target_region': ((6,), np.int32),
-        'gt_box': ((6, 4), np.float32), 'ref_id': ((6,), np.int64)}
+        'gt_box': ((6, 4), np.float32), 'ref_id': ((6,), np.int64),
+        'example_index': ((6,), np.int64)}
     keep = batch['example_mask']
+    # Each row's example_index points at its own expression in the split index.
+    np.testing.assert_array_equal(
+        ev.split_index.ids[batch['example_index'][keep]], batch['ref_id'][keep])
     assert keep.sum() == 3 and sorted(ev.split_index.sent_ids) == sorted(
         s for s, v in table.items() if v[3] == split)
     for i in np.flatnonzero(keep):

@@ -17,7 +17,8 @@ from scipy.special import erf
 
 from vlp.models import layers
 from vlp.models.pretraining import UniterForPretraining
-from vlp.models.uniter import TIED_TORCH_KEYS, Uniter, torch_name_table
+from vlp.models.torch_names import TIED_TORCH_KEYS, torch_name_table
+from vlp.models.uniter import Uniter
 from vlp.models.uniter_config import model_config
 
 B, T, K = 3, 7, 5

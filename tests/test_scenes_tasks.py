@@ -400,7 +400,7 @@ def test_eval_batches_pad_and_cover_every_example_once(built, task):
   seen, lengths = [], set()
   for p in range(3):
     ev = db.make_task_eval_dataset(builder, SPEC, task=task, tokenizer=tok, split='val',
-                                   process_index=p, process_count=3)
+                                   shards=[p], num_shards=3)
     lengths.add(len(ev))
     batches = list(ev)
     assert len(batches) == len(ev) == math.ceil(math.ceil(len(want) / 3) / SPEC.batch_size)
@@ -409,6 +409,22 @@ def test_eval_batches_pad_and_cover_every_example_once(built, task):
       seen += batch[id_key][batch['example_mask']].tolist()
     assert sum(int(x['example_mask'].sum()) for x in batches) == ev.num_examples
   assert len(lengths) == 1 and sorted(seen) == want
+  # Shards 2 and 0 of 3 together: each batch is shard 2's rows, then shard 0's, and
+  # `example_index` names each row's example in the one-shard order (-1 on padding).
+  whole = db.make_task_eval_dataset(builder, SPEC, task=task, tokenizer=tok, split='val')
+  ids = np.concatenate([b[id_key][b['example_mask']] for b in whole])
+  two = db.make_task_eval_dataset(builder, SPEC, task=task, tokenizer=tok, split='val',
+                                  shards=[2, 0], num_shards=3)
+  lo2 = len(want) * 2 // 3
+  for b in range(len(two)):
+    batch = two[b]
+    assert len(batch[id_key]) == 2 * SPEC.batch_size
+    real = batch['example_mask']
+    np.testing.assert_array_equal(batch['example_index'][~real], -1)
+    np.testing.assert_array_equal(ids[batch['example_index'][real]], batch[id_key][real])
+    first = batch['example_index'][:SPEC.batch_size][real[:SPEC.batch_size]]
+    assert (first >= lo2).all()
+    assert (batch['example_index'][SPEC.batch_size:] < lo2).all()
 
 
 def test_batch_errors(built):

@@ -70,45 +70,81 @@ class Checkpointer:
     self._mngr.close()
 
 
-def abstract_like(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying `shardings`, for restoring onto the current mesh."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+def _params_manager(directory: str) -> ocp.CheckpointManager:
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
+  registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+  return ocp.CheckpointManager(os.path.abspath(directory), handler_registry=registry,
+                               options=ocp.CheckpointManagerOptions(create=False))
 
 
-def restore_params(directory: str, step: int | None = None, *,
+def _checked_step(mngr: ocp.CheckpointManager, directory: str, step: int | None) -> int:
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise FileNotFoundError(f"no checkpoint step {'' if step is None else step} in "
+                            f"{directory} (steps: {list(mngr.all_steps())})")
+  return step
+
+
+def _stored(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, bool]:
+  """(parameter shapes as a nested dict of ShapeDtypeStructs, is a train state)."""
+  tree = mngr.item_metadata(step)["state"].tree
+  train_state = "params" in tree and "opt_state" in tree
+
+  def shapes(node):
+    if isinstance(node, dict):
+      return {(int(k) if k.isdigit() else k): shapes(v) for k, v in node.items()}
+    return jax.ShapeDtypeStruct(node.shape, node.dtype)
+  return shapes(tree["params"] if train_state else tree), train_state
+
+
+def stored_params(directory: str, step: int | None = None) -> tuple[dict, dict, int]:
+  """(parameter shapes, meta, step) of a step of a `Checkpointer` directory; reads
+  no array. The shapes are a nested dict of ShapeDtypeStructs (list indices as ints)."""
+  mngr = _params_manager(directory)
+  try:
+    step = _checked_step(mngr, directory, step)
+    shapes, _ = _stored(mngr, step)
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    mngr.close()
+  return shapes, dict(meta or {}), step
+
+
+def restore_params(directory: str, step: int | None = None, *, target: Any = None,
                    sharding: jax.sharding.Sharding | None = None) -> tuple[Any, dict, int]:
   """Restores only the parameters of a step of a `Checkpointer` directory.
 
   The step's ``state`` item is either a train state (only its ``params`` field is
   read; the optimizer state is never loaded) or a parameter tree on its own (the
-  params-only checkpoints of `vlp.pretrained`). The restore target is built from
-  the stored shapes and dtypes with `sharding` (default: the first local device),
-  so no model is needed to read a checkpoint.
+  params-only checkpoints of `vlp.pretrained`).
+
+  Args:
+    directory: the Checkpointer directory.
+    step: default the latest.
+    target: a nested dict of ShapeDtypeStructs carrying shardings for some of the
+      stored top-level entries: those entries are read straight into those
+      shardings and dtypes (on every process, each reading its own shards), the
+      others are not read. Default: every entry, with the stored shapes and
+      dtypes, on `sharding` (default: the first local device; single process).
+    sharding: see `target`.
 
   Returns:
     (params as a nested dict, list indices as ints; the step's meta; the step).
   """
-  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
-  registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
-  mngr = ocp.CheckpointManager(os.path.abspath(directory), handler_registry=registry,
-                               options=ocp.CheckpointManagerOptions(create=False))
+  mngr = _params_manager(directory)
   try:
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-      raise FileNotFoundError(f"no checkpoint step {'' if step is None else step} in "
-                              f"{directory} (steps: {list(mngr.all_steps())})")
-    tree = mngr.item_metadata(step)["state"].tree
-    train_state = "params" in tree and "opt_state" in tree
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def target(node):
-      if isinstance(node, dict):
-        return {(int(k) if k.isdigit() else k): target(v) for k, v in node.items()}
-      return jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=sharding)
-
-    item = {"params": target(tree["params"])} if train_state else target(tree)
+    step = _checked_step(mngr, directory, step)
+    stored, train_state = _stored(mngr, step)
+    if target is None:
+      where = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+                            stored)
+    unknown = sorted(set(target) - set(stored))
+    if unknown:
+      raise KeyError(f"{directory} step {step} has no parameters {unknown}; "
+                     f"it has {sorted(stored)}")
+    item = {"params": target} if train_state else target
     args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
         sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), item)
     out = mngr.restore(step, args=ocp.args.Composite(

@@ -21,6 +21,7 @@ ids and targets stay in memory; image fields are read per batch).
 from __future__ import annotations
 
 import collections
+from typing import Sequence
 
 import grain
 import numpy as np
@@ -312,22 +313,25 @@ def make_task_train_iterator(builder, spec: BatchSpec, *, task: str, tokenizer: 
 
 
 class TaskEvalDataset:
-  """Finite padded batches of a split's examples, the same number on every process.
+  """Finite padded batches of a split's examples, the same number on every shard.
 
-  Process p takes examples [lo, hi) of the split (sizes differ by at most one), in
-  record then slot order; the last batches are padded with rows whose
-  `example_mask` is False (ids -1, targets zero). `len()` is the number of batches;
-  iterate it (any number of times) or index it. `ids` are this process's
-  question_ids / ref_ids in batch order.
+  Data shard s of S takes examples [lo, hi) of the split (sizes differ by at most
+  one), in record then slot order; a process feeds the shards whose rows of the
+  global batch its devices hold, concatenated row-wise. The last batches are
+  padded with rows whose `example_mask` is False (ids -1, targets zero). Every
+  batch has `example_index`, the row's example in the split (-1 on padding).
+  `len()` is the number of batches; iterate it (any number of times) or index it.
+  `ids` are the question_ids / ref_ids of the first shard's examples.
   """
 
-  def __init__(self, batcher: _TaskBatcher, *, num_total: int, process_count: int,
-               num_threads: int, prefetch: int):
-    self.batcher, self._threads, self._prefetch = batcher, num_threads, prefetch
-    self.num_examples = len(batcher.index)
-    self.ids = batcher.index.ids
-    largest = -(-num_total // process_count)
-    self.num_batches = -(-largest // batcher.spec.batch_size)
+  def __init__(self, batchers: Sequence['_TaskBatcher'], firsts: Sequence[int], *,
+               num_total: int, num_shards: int, num_threads: int, prefetch: int):
+    self.batchers, self.firsts = list(batchers), list(firsts)
+    self._threads, self._prefetch = num_threads, prefetch
+    self.num_examples = sum(len(b.index) for b in self.batchers)
+    self.ids = np.concatenate([b.index.ids for b in self.batchers])
+    largest = -(-num_total // num_shards)
+    self.num_batches = -(-largest // self.batchers[0].spec.batch_size)
 
   def __len__(self) -> int:
     return self.num_batches
@@ -335,9 +339,16 @@ class TaskEvalDataset:
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < self.num_batches:
       raise IndexError(f'batch {index} of {self.num_batches}')
-    b = self.batcher.spec.batch_size
-    positions = np.arange(index * b, min((index + 1) * b, self.num_examples), dtype=np.int64)
-    return self.batcher(positions, {})
+    parts = []
+    for batcher, first in zip(self.batchers, self.firsts):
+      b = batcher.spec.batch_size
+      positions = np.arange(index * b, min((index + 1) * b, len(batcher.index)),
+                            dtype=np.int64)
+      batch = batcher(positions, {})
+      example = np.full((b,), -1, np.int64)
+      example[:len(positions)] = first + positions
+      parts.append(dict(batch, example_index=example))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def __iter__(self):
     ds = grain.MapDataset.range(self.num_batches).map(self.__getitem__)
@@ -345,21 +356,31 @@ class TaskEvalDataset:
         num_threads=self._threads, prefetch_buffer_size=self._prefetch)))
 
 
+def shard_parts(num: int, shards: Sequence[int], num_shards: int) -> list[tuple[int, int]]:
+  """[lo, hi) example ranges of the given data shards of a split of `num` examples."""
+  parts = [shard_range(num, s, num_shards) for s in shards]
+  if not parts or any(hi <= lo for lo, hi in parts):
+    raise ValueError(f'{num} examples are too few for {num_shards} data shards')
+  return parts
+
+
 def make_task_eval_dataset(builder, spec: BatchSpec, *, task: str, tokenizer: Tokenizer,
-                           split: str = 'val', process_index: int = 0,
-                           process_count: int = 1, answers: list[str] | None = None,
+                           split: str = 'val', shards: Sequence[int] = (0,),
+                           num_shards: int = 1, answers: list[str] | None = None,
                            target_scores: str = 'consensus', num_threads: int = 2,
                            prefetch: int = 4) -> TaskEvalDataset:
-  """Evaluation batches of one process for `task` (see `TaskEvalDataset`).
+  """Evaluation batches of data `shards` (of `num_shards`) for `task` (see
+  `TaskEvalDataset`); `spec.batch_size` rows per shard.
 
-  Every process indexes the whole split (evaluation splits are small) and keeps
-  its contiguous slice of examples.
+  The whole split is indexed once (evaluation splits are small) and each shard
+  keeps its contiguous slice of examples.
   """
   task_split, label_of, num_answers = _setup(builder, spec, tokenizer, task, split,
                                              answers, target_scores)
   full = TaskIndex(task_split, 0, len(task_split), max_regions=spec.max_regions,
                    label_of=label_of, target_scores=target_scores)
-  lo, hi = shard_range(len(full), process_index, process_count)
-  batcher = _TaskBatcher(task_split, spec, tokenizer, full.subset(lo, hi), num_answers)
-  return TaskEvalDataset(batcher, num_total=len(full), process_count=process_count,
-                         num_threads=num_threads, prefetch=prefetch)
+  parts = shard_parts(len(full), shards, num_shards)
+  batchers = [_TaskBatcher(task_split, spec, tokenizer, full.subset(lo, hi), num_answers)
+              for lo, hi in parts]
+  return TaskEvalDataset(batchers, [lo for lo, _ in parts], num_total=len(full),
+                         num_shards=num_shards, num_threads=num_threads, prefetch=prefetch)

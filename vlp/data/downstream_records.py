@@ -29,6 +29,8 @@ records with `questions` / `refexps` of `vlp_scenes` (downstream_batches.py).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -330,28 +332,29 @@ def make_task_train_iterator(builder, spec: BatchSpec, *, task: str, tokenizer: 
 
 
 def make_task_eval_dataset(builder, spec: BatchSpec, *, task: str, tokenizer: Tokenizer,
-                           split: str = 'val', process_index: int = 0, process_count: int = 1,
-                           answers: list[str] | None = None, target_scores: str | None = None,
-                           num_threads: int = 2, prefetch: int = 4) -> db.TaskEvalDataset:
-  """Evaluation batches of one process, for either record layout.
+                           split: str = 'val', shards: Sequence[int] = (0,),
+                           num_shards: int = 1, answers: list[str] | None = None,
+                           target_scores: str | None = None, num_threads: int = 2,
+                           prefetch: int = 4) -> db.TaskEvalDataset:
+  """Evaluation batches of data `shards` (of `num_shards`), for either record layout.
 
   The result is a `downstream_batches.TaskEvalDataset`; on per-example records it
-  also has `split_index`, the `ExampleIndex` of the whole split (every process
-  indexes it: evaluation splits are small), e.g. for `vqa_annotations`.
+  also has `split_index`, the `ExampleIndex` of the whole split (indexed once:
+  evaluation splits are small), e.g. for `vqa_annotations`; a batch's
+  `example_index` points into it.
   """
   if layout(builder, task) == 'images':
     return db.make_task_eval_dataset(
-        builder, spec, task=task, tokenizer=tokenizer, split=split,
-        process_index=process_index, process_count=process_count, answers=answers,
-        target_scores=target_scores or 'consensus', num_threads=num_threads,
-        prefetch=prefetch)
+        builder, spec, task=task, tokenizer=tokenizer, split=split, shards=shards,
+        num_shards=num_shards, answers=answers, target_scores=target_scores or 'consensus',
+        num_threads=num_threads, prefetch=prefetch)
   index, batcher, num = _setup(builder, spec, tokenizer, task, split, answers,
                                target_scores or 'stored')
   full = index(0, num)
-  lo, hi = shard_range(len(full), process_index, process_count)
-  ds = db.TaskEvalDataset(batcher(full.subset(lo, hi)), num_total=len(full),
-                          process_count=process_count, num_threads=num_threads,
-                          prefetch=prefetch)
+  parts = db.shard_parts(len(full), shards, num_shards)
+  ds = db.TaskEvalDataset([batcher(full.subset(lo, hi)) for lo, hi in parts],
+                          [lo for lo, _ in parts], num_total=len(full),
+                          num_shards=num_shards, num_threads=num_threads, prefetch=prefetch)
   ds.split_index = full
   return ds
 

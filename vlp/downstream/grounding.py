@@ -16,11 +16,9 @@ import functools
 import os
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
-from vlp.data.batching import shard_range
 from vlp.downstream import common
 from vlp.downstream.task_data import TaskData
 from vlp.evaluators import grounding as grounding_eval
@@ -61,14 +59,14 @@ def evaluate_grounding(params, ctx: EvalContext, *, data: TaskData) -> dict:
   fn = common.forward_fn(ctx.graphdef, region_scores)
   agg = grounding_eval.GroundingAggregator()
   splits = list(ctx.config.eval_splits) or [ctx.config.eval_split]
-  local = common.eval_rows_per_process(ctx)
+  rows = common.eval_rows(ctx)
   builds = [("data_dir", data.builder)]
   det = data.det_builder
   if det is not None:
     builds.append(("det_data_dir", det))
   settings, notes, predictions = {}, {}, {}
   for key, builder in builds:
-    datasets = {split: data.eval_dataset(split, local, builder) for split in splits}
+    datasets = {split: data.eval_dataset(split, rows, builder) for split in splits}
     setting, why = region_setting(data.layout, datasets)
     if setting in settings:
       raise ValueError(
@@ -79,7 +77,7 @@ def evaluate_grounding(params, ctx: EvalContext, *, data: TaskData) -> dict:
     notes[setting] = f"evaluated on config.{key}={builder.data_dir}: {why}"
     predictions[setting] = {}
     for split, ds in datasets.items():
-      predictions[setting][split] = _run_split(fn, params, ctx, ds, agg, setting, split)
+      predictions[setting][split] = _run_split(fn, params, ctx, rows, ds, agg, setting, split)
   for setting in grounding_eval.SETTINGS:
     if setting not in notes:
       notes[setting] = ("not evaluated: " + (
@@ -131,23 +129,19 @@ def region_setting(layout: str, datasets: dict) -> tuple[str, str]:
 GT_IOU = 0.99
 
 
-def _run_split(fn, params, ctx: EvalContext, ds, agg, setting: str, split: str) -> list:
+def _run_split(fn, params, ctx: EvalContext, rows: common.EvalRows, ds, agg, setting: str,
+               split: str) -> list:
   index = getattr(ds, "split_index", None)  # Per-example records: sentence ids.
-  lo = 0
-  if index is not None:
-    lo, _ = shard_range(len(index), jax.process_index(), jax.process_count())
   out = []
-  for b, batch in enumerate(ds):
+  for batch in ds:
     scores = np.asarray(common.run_forward(fn, params, batch, ctx))
-    boxes, mask = common.gather(batch["img_boxes"]), common.gather(batch["img_mask"])
-    keep, gt = common.gather(batch["example_mask"]), common.gather(batch["gt_box"])
+    boxes, mask = rows.gather(batch["img_boxes"]), rows.gather(batch["img_mask"])
+    keep, gt = rows.gather(batch["example_mask"]), rows.gather(batch["gt_box"])
     pred = agg.add_scores(setting, split, scores, boxes, gt, mask, keep)
     agg.add_chance(setting, split, boxes, gt, mask, keep)
-    rows = len(batch["example_mask"])
-    example = common.gather(lo + b * rows + np.arange(rows))  # Row -> example of the split.
-    sent_ids = (index.sent_ids[example[keep]] if index is not None
-                else np.full(int(keep.sum()), -1))
-    ref_ids = common.gather(batch["ref_id"])
+    example = rows.gather(batch["example_index"])[keep]
+    sent_ids = index.sent_ids[example] if index is not None else np.full(len(example), -1)
+    ref_ids = rows.gather(batch["ref_id"])
     out += [{"ref_id": int(r), "sent_id": int(s), "pred_box": p.tolist(), "gt_box": g.tolist()}
             for r, s, p, g in zip(ref_ids[keep], sent_ids, pred[keep], gt[keep])]
   return out

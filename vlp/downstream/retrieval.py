@@ -22,11 +22,9 @@ from __future__ import annotations
 import functools
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
-from vlp.parallel import global_batch
 from vlp.downstream import common
 from vlp.evaluators import retrieval as retrieval_eval
 from vlp.models.downstream import UniterForRetrieval
@@ -73,10 +71,10 @@ def evaluate_retrieval(params, ctx: EvalContext, *, data) -> dict:
   gallery = data.gallery()
   out: dict = {"step": ctx.step, "num_images": int(gallery["img_feat"].shape[0]),
                "num_captions": int(gallery["input_ids"].shape[0])}
+  rows = common.eval_rows(ctx)
   score = functools.partial(
       evaluation.score_pairs, common.forward_fn(ctx.graphdef, _rank), params, gallery,
-      batch_size=common.eval_rows_per_process(ctx) * jax.process_count(),
-      to_global=ctx.to_global)
+      batch_size=rows.size, to_global=ctx.to_global, rows=rows.rows)
   t0 = time.perf_counter()
   matrix = score(*evaluation.all_pairs(gallery)).reshape(out["num_images"], -1)
   full = retrieval_eval.recall_at_k(matrix, gallery["txt2img"])
@@ -85,37 +83,36 @@ def evaluate_retrieval(params, ctx: EvalContext, *, data) -> dict:
   if out["num_images"] == 5000:
     out["coco"] = retrieval_eval.coco_1k_5k(matrix, gallery["txt2img"])
   if ctx.config.dual_dim:
-    out.update(_two_stage(params, ctx, gallery, score))
+    out.update(_two_stage(params, ctx, rows, gallery, score))
   return out
 
 
-def _vectors(params, ctx, gallery, which: str, batch_size: int) -> np.ndarray:
-  """Dual-encoder vectors of every gallery image or caption, `batch_size` per call."""
+def _vectors(params, ctx, rows: common.EvalRows, gallery, which: str) -> np.ndarray:
+  """Dual-encoder vectors of every gallery image or caption, one eval batch per call."""
   fn = common.forward_fn(ctx.graphdef, lambda m, b: getattr(m, f"encode_{which}")(b))
   n = gallery["img_feat" if which == "image" else "input_ids"].shape[0]
-  rows = global_batch.split_for_process(batch_size)
+  batch_size = rows.size
   out = []
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
     other = np.zeros_like(idx)  # The other modality's row is ignored by encode_<which>.
     batch, real = evaluation.pair_batch(gallery, idx if which == "image" else other,
                                         idx if which == "text" else other, batch_size)
-    local = {k: v[rows] for k, v in batch.items()}
+    local = {k: v[rows.rows] for k, v in batch.items()}
     out.append(np.asarray(common.run_forward(fn, params, local, ctx))[:real])
   return np.concatenate(out)
 
 
-def _two_stage(params, ctx, gallery, score_pairs) -> dict:
-  batch_size = common.eval_rows_per_process(ctx) * jax.process_count()
+def _two_stage(params, ctx, rows: common.EvalRows, gallery, score_pairs) -> dict:
   t0 = time.perf_counter()
-  img_vecs = _vectors(params, ctx, gallery, "image", batch_size)
-  txt_vecs = _vectors(params, ctx, gallery, "text", batch_size)
+  img_vecs = _vectors(params, ctx, rows, gallery, "image")
+  txt_vecs = _vectors(params, ctx, rows, gallery, "text")
   encode_seconds = time.perf_counter() - t0
   out: dict = {}
   for k in ctx.config.two_stage_ks:
     t1 = time.perf_counter()
     res = retrieval_eval.two_stage_recall(img_vecs, txt_vecs, gallery["txt2img"], score_pairs,
-                                          int(k), chunk_size=batch_size)
+                                          int(k), chunk_size=rows.size)
     out["dual"] = dict(res["dual"], seconds=encode_seconds, pairs_scored=0)
     out[f"two_stage_k{k}"] = dict(res["two_stage"], pairs_scored=int(res["pairs_scored"]),
                                   seconds=encode_seconds + time.perf_counter() - t1)

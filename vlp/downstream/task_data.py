@@ -38,7 +38,8 @@ def tokenizer_path(config: ml_collections.ConfigDict, builder) -> str:
   stored = os.path.join(os.fspath(builder.data_dir), "spm.model")
   if os.path.exists(stored):
     return stored
-  from_init = _init_from_tokenizer(config.init_from) if config.init_from else None
+  from vlp import pretrained  # Only when needed: it pulls in orbax.
+  from_init = pretrained.tokenizer_of(config.init_from) if config.init_from else None
   if from_init:
     return from_init
   raise FileNotFoundError(
@@ -47,28 +48,6 @@ def tokenizer_path(config: ml_collections.ConfigDict, builder) -> str:
          if config.init_from else " and config.init_from is empty")
       + "; set config.tokenizer to the sentencepiece model the backbone was pretrained "
       "with (e.g. the spm.model of the coco_karpathy build)")
-
-
-def _init_from_tokenizer(init_from: str) -> str | None:
-  from vlp import pretrained  # Only when needed: it pulls in orbax.
-  if os.path.exists(os.path.join(init_from, pretrained.CONFIG_FILE)):
-    tok = pretrained.read_config(init_from).get("tokenizer") or {}
-    if tok.get("type", "sentencepiece") != "sentencepiece" or not tok.get("file"):
-      return None
-    return os.path.join(init_from, tok["file"])
-  ckpt_dir = pretrained._workdir_checkpoints(init_from)
-  if ckpt_dir is None:
-    return None
-  from vlp import checkpoint as ckpt_lib
-  ckpt = ckpt_lib.Checkpointer(ckpt_dir, save_every=1, keep=1)
-  try:
-    step = ckpt.latest_step()
-    meta = ckpt.restore_meta(step) if step is not None else {}
-  finally:
-    ckpt.close()
-  path = (meta.get("model_info") or {}).get("tokenizer") or (meta.get("config") or {}).get(
-      "tokenizer")
-  return path if path and os.path.exists(path) else None
 
 
 class TaskData:
@@ -102,16 +81,19 @@ class TaskData:
            for shard in self.shards]
     return its[0] if len(its) == 1 else pretrain_data.ShardedIterator(its)
 
-  def eval_dataset(self, split: str, local_batch: int, builder=None):
-    """This process's eval batches of `split` (of `builder`, default the main data);
-    indexed once, then reused by every evaluation."""
+  def eval_dataset(self, split: str, rows, builder=None):
+    """The eval batches of `split` (of `builder`, default the main data) that this
+    process feeds: `rows` (`common.EvalRows`) cuts each global eval batch into one
+    data shard per batch piece, so the batches do not depend on the process count
+    or the device order. Indexed once, then reused by every evaluation."""
     builder = builder or self.builder
-    key = (os.fspath(builder.data_dir), split, local_batch)
+    key = (os.fspath(builder.data_dir), split, rows.size, tuple(rows.rows))
     if key not in self._eval:
+      shards = pretrain_data.shards_for_rows(rows.rows, rows.size, rows.pieces)
       self._eval[key] = downstream_records.make_task_eval_dataset(
-          builder, BatchSpec.from_config(self.config, local_batch), task=self.task,
-          tokenizer=self.tokenizer, split=split, process_index=jax.process_index(),
-          process_count=jax.process_count(), answers=self.answers)
+          builder, BatchSpec.from_config(self.config, rows.size // rows.pieces),
+          task=self.task, tokenizer=self.tokenizer, split=split, shards=shards,
+          num_shards=rows.pieces, answers=self.answers)
     return self._eval[key]
 
   @functools.cached_property

@@ -56,14 +56,14 @@ def predict(model, batch):
 def evaluate_vqa(params, ctx: EvalContext, *, data: TaskData) -> dict:
   t0 = time.perf_counter()
   split = ctx.config.eval_split
-  ds = data.eval_dataset(split, common.eval_rows_per_process(ctx))
+  rows = common.eval_rows(ctx)
+  ds = data.eval_dataset(split, rows)
   fn = common.forward_fn(ctx.graphdef, predict)
   qids, labels = [], []
   for batch in ds:
-    pred = common.run_forward(fn, params, {k: v for k, v in batch.items()
-                                           if k != "question_id"}, ctx)
-    keep = common.gather(batch["example_mask"])
-    qids.append(common.gather(batch["question_id"])[keep])
+    pred = common.run_forward(fn, params, batch, ctx)
+    keep = rows.gather(batch["example_mask"])
+    qids.append(rows.gather(batch["question_id"])[keep])
     labels.append(np.asarray(pred)[keep])
   qids, labels = np.concatenate(qids), np.concatenate(labels)
   answers = [data.answers[i] for i in labels]

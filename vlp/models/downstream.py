@@ -3,7 +3,7 @@
 Each model holds the backbone as ``uniter`` (the same subtree as
 `UniterForPretraining`, so a pre-trained backbone state drops in) plus the head of
 the reference's fine-tuning model (spec §5), under the reference's parameter name
-so that `vlp.models.uniter.torch_name_table(num_layers, model.torch_heads)` maps
+so that `vlp.models.torch_names.torch_name_table(num_layers, model.torch_heads)` maps
 the whole tree:
 
 * `UniterForVqa`: ``vqa_output`` = [Linear H->2H, GELU, LN(2H), Linear 2H->A] on
@@ -260,3 +260,20 @@ class UniterForRetrieval(nnx.Module):
                             batch['img_mask'], rngs=rngs, num_layers=0)
     return self._dual(tokens, jnp.concatenate([txt_mask, batch['img_mask'].astype(bool)], 1),
                       rngs)
+
+
+class UniterEncoder(nnx.Module):
+  """The backbone alone, for checkpoints without heads; `encode` as the task models'."""
+
+  def __init__(self, cfg: UniterConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.uniter = Uniter(cfg, rngs=rngs)
+
+  @property
+  def torch_heads(self) -> tuple[str, ...]:
+    return ()
+
+  def encode(self, batch: dict, *, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+    """dict(sequence [B, T+K, H], pooled [B, H]) in the compute dtype."""
+    sequence, pooled = _backbone(self, batch, rngs)
+    return dict(sequence=sequence, pooled=pooled)

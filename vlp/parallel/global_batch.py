@@ -60,10 +60,24 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def split_for_process(n: int) -> slice:
-  """This process's contiguous share of `n` global rows (n divisible by count)."""
-  count, index = jax.process_count(), jax.process_index()
-  if n % count:
-    raise ValueError(f"global batch {n} is not divisible by the {count} processes")
-  per = n // count
-  return slice(index * per, (index + 1) * per)
+def gather_rows(local: np.ndarray, rows: np.ndarray, global_size: int) -> np.ndarray:
+  """The global batch of a host array, in row order, on every host.
+
+  `local` holds this process's `rows` (its `process_rows`, in that order), as fed
+  to `host_to_global`. Host-only fields (ids, boxes) come back in the same order
+  as a model output fetched with `to_host`, whatever the device order.
+  """
+  local, rows = np.asarray(local), np.asarray(rows, np.int64)
+  if len(local) != len(rows):
+    raise ValueError(f"{len(local)} local rows for {len(rows)} row indices")
+  if jax.process_count() == 1:
+    everything, where = local, rows
+  else:
+    everything = np.asarray(multihost_utils.process_allgather(local, tiled=True))
+    where = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+  # Processes that share rows (batch not split across them) hold the same data.
+  if set(where.tolist()) != set(range(global_size)):
+    raise ValueError(f"the processes' rows do not cover a global batch of {global_size}")
+  out = np.empty((global_size,) + local.shape[1:], local.dtype)
+  out[where] = everything
+  return out

@@ -9,7 +9,7 @@ with or without the ``uniter.`` prefix, or a ``module.`` wrapper prefix) or one 
 its fine-tuning models, in float16 or float32, from ``.pt`` (``torch.load`` with
 ``weights_only=True``, so a pickle that needs code or custom classes is refused
 without running it; needs the ``torch`` extra) or ``.safetensors``. The names map
-through `vlp.models.uniter.torch_name_table`; tied duplicates
+through `vlp.models.torch_names.torch_name_table`; tied duplicates
 (``cls.predictions.decoder.weight``, ``feat_regress.weight``,
 ``cls.predictions.decoder.bias``) are checked to equal what they tie to. Old BERT
 LayerNorm names (``gamma``/``beta``) are accepted. Heads of reference models vlp
@@ -167,7 +167,7 @@ def _normalise_keys(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
 
 
 def _head_keys(num_layers: int) -> dict[str, list]:
-  from vlp.models.uniter import FINETUNING_HEADS, PRETRAINING_HEADS, torch_name_table
+  from vlp.models.torch_names import FINETUNING_HEADS, PRETRAINING_HEADS, torch_name_table
   backbone = {k for k, _, _ in torch_name_table(num_layers, ())}
   return {h: [r for r in torch_name_table(num_layers, (h,)) if r[0] not in backbone]
           for h in PRETRAINING_HEADS + FINETUNING_HEADS}
@@ -186,7 +186,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg, *,
       the expected torch shapes) and tied duplicates that differ.
   """
   from vlp import pretrained
-  from vlp.models.uniter import PRETRAINING_HEADS, TIED_TORCH_KEYS, torch_name_table
+  from vlp.models.torch_names import PRETRAINING_HEADS, TIED_TORCH_KEYS, torch_name_table
   dtypes: dict[str, int] = {}
   for v in sd.values():
     dtypes[str(v.dtype)] = dtypes.get(str(v.dtype), 0) + 1

@@ -88,7 +88,7 @@ def run(config, *, tasks: list[str], batch: int, text_len: int, regions: int,
       "dtype": config.compute_dtype, "model": config.model.size, "params": n_params,
       "batch": batch, "text_len": text_len, "regions": regions, "img_dim": cfg.img_dim,
       "mesh": dict(mesh.shape), "sharding": config.sharding, "tasks": {}}
-  local = global_batch.split_for_process(batch)
+  local = global_batch.process_rows(mesh, rules, batch)
   for task in tasks:
     host = synthetic_batch(TASKS[task].batch_kind, batch=batch, cfg=cfg, **shape_kw)
     host = {k: v[local] for k, v in host.items()}

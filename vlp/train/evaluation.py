@@ -78,24 +78,14 @@ def all_pairs(gallery: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray
   return img_idx.ravel(), txt_idx.ravel()
 
 
-def pair_batches(gallery: Mapping[str, np.ndarray], batch_size: int):
-  """Yields (pair batch, number of real pairs) over all image x caption pairs,
-  image-major, padded to full batches with `example_mask` False."""
-  img_idx, txt_idx = all_pairs(gallery)
-  for start in range(0, len(img_idx), batch_size):
-    yield pair_batch(gallery, img_idx[start:start + batch_size],
-                     txt_idx[start:start + batch_size], batch_size)
-
-
 def score_pairs(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarray],
                 img_idx: np.ndarray, txt_idx: np.ndarray, *, batch_size: int,
-                to_global: Callable, rows: np.ndarray | None = None) -> np.ndarray:
+                to_global: Callable, rows: np.ndarray) -> np.ndarray:
   """Scores [P] of the given pairs, `batch_size` pairs per `score_fn` call.
 
   Every host builds the same pair batches and feeds only `rows` of each (its
-  `vlp.parallel.global_batch.process_rows`; default: its contiguous share).
+  `vlp.parallel.global_batch.process_rows` for `batch_size`).
   """
-  rows = np.arange(batch_size)[global_batch.split_for_process(batch_size)] if rows is None else rows
   scores = []
   for start in range(0, len(img_idx), batch_size):
     batch, real = pair_batch(gallery, img_idx[start:start + batch_size],
@@ -106,8 +96,7 @@ def score_pairs(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarra
 
 
 def score_matrix(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarray], *,
-                 batch_size: int, to_global: Callable,
-                 rows: np.ndarray | None = None) -> np.ndarray:
+                 batch_size: int, to_global: Callable, rows: np.ndarray) -> np.ndarray:
   """[N_img, N_txt] scores of every gallery pair."""
   img_idx, txt_idx = all_pairs(gallery)
   scores = score_pairs(score_fn, params, gallery, img_idx, txt_idx, batch_size=batch_size,
@@ -117,7 +106,7 @@ def score_matrix(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarr
 
 def zero_shot_retrieval(score_fn: Callable, params: Any, gallery: Mapping[str, np.ndarray],
                         batch_size: int, to_global: Callable,
-                        rows: np.ndarray | None = None) -> dict[str, float]:
+                        rows: np.ndarray) -> dict[str, float]:
   """Recall@K of the ITM score over every gallery pair (see `score_pairs` for `rows`)."""
   matrix = score_matrix(score_fn, params, gallery, batch_size=batch_size,
                         to_global=to_global, rows=rows)

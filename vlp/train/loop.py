@@ -83,9 +83,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           make_model, tx, seed=config.seed, mesh=mesh, rules=rules,
           sharding_name=config.sharding)
     if job.init_params is not None:
-      # Loaded weights go straight into the shardings the fresh ones have.
-      state = state.replace(params=jax.device_put(job.init_params(state.params),
-                                                  state_sh.params))
+      # Read straight into the shardings the fresh parameters have.
+      state = state.replace(params=job.init_params(state.params))
 
   mix = TaskMix(config.tasks, config.seed)
   loss_fns = job.loss_fns
