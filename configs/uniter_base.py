@@ -10,8 +10,8 @@ Commands:
       --config.compute_dtype=bfloat16 --workdir=$WORKDIR
 
 Arguments after the colon: a size (`base`, `tiny`) or `size=...,data=...`.
-Numbers follow the reference `pretrain-alldata-base-8gpu.json` (see
-../shared/spec/uniter.md §3.6 and §4) unless marked as a vlp choice.
+Numbers follow the UNITER reference `config/pretrain-alldata-base-8gpu.json` (task
+mix, optimizer and schedule; docs/reference.md) unless marked as a vlp choice.
 """
 
 import ml_collections
@@ -107,7 +107,7 @@ def get_config(arg=None):
   c.ot_iterations = 50
   c.ot_k = 1
 
-  # Optimiser (spec §4): AdamW (0.9, 0.98), eps 1e-6, wd 0.01, clip 5.0,
+  # Optimiser (the reference's): AdamW (0.9, 0.98), eps 1e-6, wd 0.01, clip 5.0,
   # linear warm-up then linear decay.
   c.optimizer = ml_collections.ConfigDict()
   # Tiny: 7e-4 over 4000 steps (1e-3 left two of three seeds below 10x chance; README).

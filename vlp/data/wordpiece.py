@@ -1,6 +1,6 @@
 """BERT WordPiece tokenizer (`vocab.txt`) with the interface of `vlp.data.tokenizer`.
 
-The released UNITER checkpoints use the bert-base-cased vocabulary (spec §2.1), not
+The released UNITER checkpoints use the bert-base-cased vocabulary (reference `prepro.py`), not
 sentencepiece. Tokenisation follows BERT's two stages:
 
 1. basic: drop NUL, U+FFFD and control characters, turn whitespace into spaces, put

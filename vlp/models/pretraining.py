@@ -1,6 +1,6 @@
 """UNITER with its pre-training heads (torch `UniterForPretraining`).
 
-Heads (spec §3): MLM (`cls`, decoder tied to the word-embedding table), MRFR
+Heads, as in the reference `model/pretrain.py`: MLM (`cls`, decoder tied to the word-embedding table), MRFR
 (`feat_regress`, projection transpose-tied to the image embedder's `img_linear`),
 MRC / MRC-kl (`region_classifier`) and ITM (`itm_output`, index 1 = match). The
 tasks in `vlp.tasks` gather the positions they need from `encode`'s sequence and
