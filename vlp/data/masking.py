@@ -235,8 +235,8 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   and once mismatched, so the caption-only and image-only parts of the ITM gradient
   cancel inside the batch and only the interaction is left. This is the lever that
   makes a from-scratch model leave ITM's chance plateau in a few hundred CPU steps
-  (README, "The tiny demo: getting ITM off its plateau on a CPU"); the price is B/2
-  distinct pairs per batch. An odd last real row stays positive.
+  (docs/experiments.md, "The tiny demo: getting ITM off its plateau on a CPU"); the
+  price is B/2 distinct pairs per batch. An odd last real row stays positive.
 
   Either way nothing is masked, padding rows (example_mask False) are never
   negatives nor partners, and a negative without any partner of another image_id

@@ -2,9 +2,9 @@
 
 Each model holds the backbone as ``uniter`` (the same subtree as
 `UniterForPretraining`, so a pre-trained backbone state drops in) plus the head of
-the reference's fine-tuning model (`model/{vqa,re,itm}.py`), under the reference's parameter name
-so that `vlp.models.uniter.torch_name_table(num_layers, model.torch_heads)` maps
-the whole tree:
+the reference's fine-tuning model (`model/{vqa,re,itm}.py`), under the reference's
+parameter name so that `vlp.models.uniter.torch_name_table(num_layers,
+model.torch_heads)` maps the whole tree:
 
 * `UniterForVqa`: ``vqa_output`` = [Linear H->2H, GELU, LN(2H), Linear 2H->A] on
   the pooled output; indices 0/2/3 as the torch Sequential. The head

@@ -1,8 +1,9 @@
 """One image's detector regions -> one validated, selected, typed record.
 
 Every reader (TSV, npz, npy) returns a :class:`Regions`; :func:`image_record`
-turns it into the image-level fields shared with `vlp_scenes`, selecting regions as the UNITER
-reference does (`data/data.py: compute_num_bb`; docs/reference.md, "Data formats"):
+turns it into the image-level fields shared with `vlp_scenes`, selecting regions as
+the UNITER reference does (`data/data.py: compute_num_bb`; docs/reference.md, "Data
+formats"):
 
 * regions are ordered by descending `conf` (stable, so ties keep file order);
   sources without a confidence keep their file order and get conf = 1;
