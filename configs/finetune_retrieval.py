@@ -8,7 +8,8 @@ r"""Image-text retrieval fine-tuning (UNITER hard negatives; optional dual encod
       --config.init_from=workdir/ft_flickr --workdir=workdir/ft_flickr_dual
 
 Arguments after the colon: `size` (base | tiny), `data` (coco_karpathy |
-flickr30k_karpathy | vlp_scenes) and `stage` (cross | dual). Spec §5.1: lr 5e-5,
+flickr30k_karpathy | vlp_scenes) and `stage` (cross | dual). Base follows the
+reference `config/train-itm-flickr-base-16gpu-hn.json`: lr 5e-5,
 5000 updates, warm-up 500, 31 hard negatives per anchor in both directions, margin
 0.2. `stage=dual` trains only the dual head (`optimizer.frozen`) on InfoNCE +
 ListNet distillation of the cross-encoder's scores (vlp/tasks/distill.py).

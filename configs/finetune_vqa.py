@@ -4,7 +4,8 @@ r"""VQA fine-tuning: answer head, soft-score BCE x answers, official accuracy.
       --config.init_from=workdir/pretrain --workdir=workdir/ft_vqa
 
 Arguments after the colon: `size` (base | tiny) and `data` (vqa_v2 | vlp_scenes).
-Spec §5.3: lr 8e-5 with 10x for the answer head, 6000 updates, warm-up 600.
+Base follows the reference `config/train-vqa-base-4gpu.json`: lr 8e-5 with 10x for
+the answer head, 6000 updates, warm-up 600.
 """
 
 import os

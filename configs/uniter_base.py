@@ -10,8 +10,8 @@ Commands:
       --config.compute_dtype=bfloat16 --workdir=$WORKDIR
 
 Arguments after the colon: a size (`base`, `tiny`) or `size=...,data=...`.
-Numbers follow the reference `pretrain-alldata-base-8gpu.json` (see
-../shared/spec/uniter.md §3.6 and §4) unless marked as a vlp choice.
+Numbers follow the UNITER reference `config/pretrain-alldata-base-8gpu.json` (task
+mix, optimizer and schedule; docs/reference.md) unless marked as a vlp choice.
 """
 
 import ml_collections
@@ -26,7 +26,8 @@ def get_config(arg=None):
 
   c.seed = 42
   # Tiny: 64-row batches give twice the updates of 128 rows at about the same CPU time
-  # per example, and ITM learns from the number of updates (README, "The tiny demo").
+  # per example, and ITM learns from the number of updates (docs/experiments.md,
+  # "The tiny demo").
   c.total_steps = 4000 if tiny else 200_000
   c.batch_size = 64 if tiny else 3072  # Examples per optimizer update, global.
   c.grad_accum = 1
@@ -58,7 +59,7 @@ def get_config(arg=None):
   # Tiny (vlp choice): width 64 costs half of the named size's 128 per step, which
   # buys the CPU demo the ITM steps it needs; 3 layers at intermediate 128 cost the
   # FLOPs of 2 at 256, and the third layer lets a word bind to its neighbours before
-  # [CLS] reads the match (colour-object binding; README, "The tiny demo").
+  # [CLS] reads the match (colour-object binding; docs/experiments.md, "The tiny demo").
   c.model.hidden_size = ml_collections.FieldReference(64 if tiny else None, field_type=int)
   c.model.num_layers = ml_collections.FieldReference(3 if tiny else None, field_type=int)
   c.model.num_heads = ml_collections.FieldReference(None, field_type=int)
@@ -88,7 +89,7 @@ def get_config(arg=None):
   # Loss multipliers (vlp; the reference has none). One AdamW state serves every
   # task, so a task with much smaller gradients barely moves the weights; tiny ITM
   # near its plateau has ~1/20 of MLM's gradient norm (vlp.train.task_mix). Tiny MLM
-  # at weight 1 still pulls the shared weights away from ITM (measured: README).
+  # at weight 1 still pulls the shared weights away from ITM (docs/experiments.md).
   c.loss_weights = ml_collections.ConfigDict(
       dict(mlm=0.5 if tiny else 1.0, mrfr=1.0, mrc=1.0, mrckl=1.0,
            itm=20.0 if tiny else 1.0))
@@ -107,10 +108,11 @@ def get_config(arg=None):
   c.ot_iterations = 50
   c.ot_k = 1
 
-  # Optimiser (spec §4): AdamW (0.9, 0.98), eps 1e-6, wd 0.01, clip 5.0,
+  # Optimiser (the reference's): AdamW (0.9, 0.98), eps 1e-6, wd 0.01, clip 5.0,
   # linear warm-up then linear decay.
   c.optimizer = ml_collections.ConfigDict()
-  # Tiny: 7e-4 over 4000 steps (1e-3 left two of three seeds below 10x chance; README).
+  # Tiny: 7e-4 over 4000 steps (1e-3 left two of three seeds below 10x chance;
+  # docs/experiments.md, "Seeds").
   c.optimizer.learning_rate = 7e-4 if tiny else 5e-5
   c.optimizer.warmup_steps = 100 if tiny else 10_000
   c.optimizer.b1 = 0.9

@@ -1,7 +1,8 @@
 """Tests for vlp.models: UNITER backbone, pre-training heads, config, name table.
 
 The forward pass is checked against an independent float64 numpy implementation of
-the spec formulas (§1.2-1.6, §3) written in torch conventions: its weights are a
+the UNITER reference's formulas (embedders, post-LN BERT layers, pooler and the
+pre-training heads; docs/reference.md) written in torch conventions: its weights are a
 "torch state dict" built from the nnx state through `torch_name_table`, so the same
 check also validates the table's renames and transposes.
 """
@@ -262,8 +263,9 @@ def _count(module):
   return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-def test_parameter_counts_match_spec(abstract_base):
-  # Spec §1.1: base backbone 109.9M, 87.6M without word embeddings, 112.9M with heads.
+def test_parameter_counts_match_reference(abstract_base):
+  # Counted on the reference torch modules: base backbone 109.9M, 87.6M without word
+  # embeddings, 112.9M with the pre-training heads (tied weights once).
   m, backbone, no_words, full = abstract_base, 109.9, 87.6, 112.9
   words = int(np.prod(m.uniter.embeddings.word_embeddings.embedding.shape))
   assert round(_count(m.uniter) / 1e6, 1) == backbone

@@ -1,4 +1,4 @@
-"""Tests for vlp.models.ot (WRA optimal-transport distance, spec §3.4)."""
+"""Tests for vlp.models.ot (WRA optimal-transport distance, UNITER `model/ot.py`)."""
 
 import functools
 
@@ -143,9 +143,9 @@ def test_gradient_only_through_cost():
   assert np.all(grad[_SIZES.index((4, 0))] == 0)  # nor an image-less example
 
 
-def _np_spec_distance(txt, img, txt_mask, img_mask, beta=0.5, iterations=50,
+def _np_ipot_distance(txt, img, txt_mask, img_mask, beta=0.5, iterations=50,
                       k=1):
-  """Spec §3.4 pseudo-code for one example, float64 numpy."""
+  """The reference IPOT loop (`model/ot.py`) for one example, float64 numpy."""
   cost = _np_cost(txt, img, txt_mask, img_mask)
   n_t, n_v = txt_mask.sum(), img_mask.sum()
   joint = img_mask[:, None] & txt_mask[None]  # [N, M]
@@ -163,14 +163,14 @@ def _np_spec_distance(txt, img, txt_mask, img_mask, beta=0.5, iterations=50,
   return np.trace(cost @ plan)
 
 
-def test_matches_numpy_spec_pseudocode():
+def test_matches_numpy_reference_ipot():
   txt, img, txt_mask, img_mask = _batch()
   for k in (1, 2):
     got = np.asarray(_dist(txt, img, txt_mask, img_mask, k=k))
     for i, (_, n_v) in enumerate(_SIZES):
       if n_v == 0:  # the pseudo-code divides by zero there
         continue
-      want = _np_spec_distance(txt[i].astype(np.float64),
+      want = _np_ipot_distance(txt[i].astype(np.float64),
                                img[i].astype(np.float64), txt_mask[i],
                                img_mask[i], k=k)
       np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-6,

@@ -1,4 +1,4 @@
-"""Region geometry: the 7-d box feature of UNITER (spec §1.3)."""
+"""Region geometry: the 7-d box feature of UNITER (reference `data/data.py`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Host-side task construction (numpy): MLM, MRM and ITM batches (spec §3.1-3.3).
+"""Host-side task construction (numpy): MLM, MRM and ITM batches
+(UNITER reference `data/mlm.py`, `data/mrm.py`, `data/itm.py`; docs/reference.md).
 
 Each `make_*_batch` takes a padded batch with the common keys of docs/design.md
 and a `np.random.Generator`, and returns a new dict (inputs are never modified)
@@ -79,7 +80,7 @@ def _keep_capped(selected: np.ndarray, score: np.ndarray, cap: int):
 def make_mlm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
                    ids: Any, max_predictions: int, prob: float = 0.15,
                    stats: MutableMapping[str, int] | None = None) -> dict:
-  """Masked language modelling: masks text pieces only (spec §3.1).
+  """Masked language modelling: masks text pieces only.
 
   Every real piece (never [CLS], [SEP] or padding) is selected with `prob`; a
   selected piece becomes [MASK] (80%), a random piece from `ids.random_range` (10%)
@@ -133,7 +134,7 @@ def make_mlm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
 def make_mrm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
                    max_predictions: int, prob: float = 0.15,
                    stats: MutableMapping[str, int] | None = None) -> dict:
-  """Masked region modelling: masks region features only (spec §3.2).
+  """Masked region modelling: masks region features only.
 
   Every real region is selected with `prob` (no 80/10/10); an image with no
   selection gets one uniformly random real region. Masked features are zeroed;
@@ -234,8 +235,8 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   and once mismatched, so the caption-only and image-only parts of the ITM gradient
   cancel inside the batch and only the interaction is left. This is the lever that
   makes a from-scratch model leave ITM's chance plateau in a few hundred CPU steps
-  (README, "The tiny demo: getting ITM off its plateau on a CPU"); the price is B/2
-  distinct pairs per batch. An odd last real row stays positive.
+  (docs/experiments.md, "The tiny demo: getting ITM off its plateau on a CPU"); the
+  price is B/2 distinct pairs per batch. An odd last real row stays positive.
 
   Either way nothing is masked, padding rows (example_mask False) are never
   negatives nor partners, and a negative without any partner of another image_id

@@ -1,7 +1,7 @@
 """BERT WordPiece tokenizer (`vocab.txt`) with the interface of `vlp.data.tokenizer`.
 
-The released UNITER checkpoints use the bert-base-cased vocabulary (spec §2.1), not
-sentencepiece. Tokenisation follows BERT's two stages:
+The released UNITER checkpoints use the bert-base-cased vocabulary (reference
+`prepro.py`), not sentencepiece. Tokenisation follows BERT's two stages:
 
 1. basic: drop NUL, U+FFFD and control characters, turn whitespace into spaces, put
    spaces around CJK ideographs, split on whitespace; lowercase and strip accents

@@ -2,8 +2,9 @@
 
 Each fine-tuning config starts from the pretraining config of the same size
 (configs/uniter_base.py), so data, model, mesh and sharding keys mean the same,
-then sets the task, its objective mix, evaluation and optimizer. Numbers follow
-../shared/spec/uniter.md §5 for the base size; `tiny` sizes are vlp's CPU demo.
+then sets the task, its objective mix, evaluation and optimizer. For the base size
+the numbers are the UNITER reference's fine-tuning configs (docs/reference.md,
+"Fine-tuning"); `tiny` sizes are vlp's CPU demo.
 """
 
 from __future__ import annotations
@@ -27,5 +28,5 @@ def add_finetune_keys(c: ml_collections.ConfigDict, *, task: str, tiny: bool,
   c.log_every = 20 if tiny else 100
   c.optimizer.learning_rate = 5e-4 if tiny else lr
   c.optimizer.warmup_steps = 20 if tiny else warmup
-  c.optimizer.grad_clip = 2.0  # Spec §5: every fine-tuning config clips at 2.0.
+  c.optimizer.grad_clip = 2.0  # The reference clips at 2.0 in every fine-tuning config.
   return c

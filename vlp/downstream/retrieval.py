@@ -56,7 +56,7 @@ def make_retrieval_job(config: ml_collections.ConfigDict, rows: np.ndarray) -> J
 
 
 def _rank_from_itm(params: dict, report: dict) -> dict:
-  """A checkpoint without a ranking head starts it from the ITM match row (spec §5.1)."""
+  """A checkpoint without a ranking head starts it from the ITM match row, as UNITER does."""
   if "rank_output" in report["fresh"] and "itm_output" in report["loaded"]:
     itm = params["itm_output"]
     params = dict(params, rank_output={"kernel": itm["kernel"][:, 1:2], "bias": itm["bias"][1:2]})

@@ -4,7 +4,7 @@ Boxes are pixel `(x1, y1, x2, y2)` with `x2 = x + w`, `y2 = y + h` (as the
 `refcoco` builders store them). An expression is grounded correctly when the IoU
 of the predicted box with the ground-truth box is at least `threshold` (0.5).
 
-Convention (documented choice, spec matching_systems.md "RefCOCO accuracy"):
+Convention (a documented choice):
 continuous IoU (area = w * h, intersection = overlap width * height) and a hit at
 IoU >= 0.5 (the usual REC definition). UNITER's `inf_re.py` differs in two
 corners only, both available here:

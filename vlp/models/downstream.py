@@ -2,21 +2,21 @@
 
 Each model holds the backbone as ``uniter`` (the same subtree as
 `UniterForPretraining`, so a pre-trained backbone state drops in) plus the head of
-the reference's fine-tuning model (spec §5), under the reference's parameter name
-so that `vlp.models.torch_names.torch_name_table(num_layers, model.torch_heads)` maps
-the whole tree:
+the reference's fine-tuning model (`model/{vqa,re,itm}.py`), under the reference's
+parameter name so that `vlp.models.torch_names.torch_name_table(num_layers,
+model.torch_heads)` maps the whole tree:
 
 * `UniterForVqa`: ``vqa_output`` = [Linear H->2H, GELU, LN(2H), Linear 2H->A] on
-  the pooled output (spec §5.3); indices 0/2/3 as the torch Sequential. The head
+  the pooled output; indices 0/2/3 as the torch Sequential. The head
   trains with a 10x learning rate in the reference (`LR_MULTIPLIERS`).
 * `UniterForGrounding`: ``re_output`` scores every region hidden state, either a
   single Linear H->1 (``mlp=1``, RefCOCO/RefCOCOg) or [Linear H->H, GELU, LN,
   Linear H->1] (``mlp=2``, RefCOCO+); padded regions get `PADDED_REGION_SCORE`
-  (-1e4) as in the reference (spec §5.4).
+  (-1e4) as in the reference.
 * `UniterForRetrieval`: ``rank_output`` = Linear H->1 on the pooled output (the
   ranking score), initialised from the ITM head's "match" row; ``itm_output``
   stays in the tree, as in the reference, so that a pre-training checkpoint loads
-  and `init_rank_from_itm` can copy it (spec §5.1). Optionally ``dual_output``:
+  and `init_rank_from_itm` can copy it. Optionally ``dual_output``:
   the dual-encoder head of the ALADIN-style two-stage mode (see below).
 
 Dual-encoder (single-modality) encodings
@@ -221,7 +221,7 @@ class UniterForRetrieval(nnx.Module):
     return ('itm_output', 'rank_output') + dual
 
   def init_rank_from_itm(self) -> None:
-    """rank_output <- the ITM "match" row (kernel column 1, bias[1]), spec §5.1.
+    """rank_output <- the ITM "match" row (kernel column 1, bias[1]), as UNITER does.
 
     Call again after loading pre-trained weights into `itm_output`; at that point
     the ranking score equals the pre-trained ITM match logit (zero-shot retrieval).

@@ -1,4 +1,5 @@
-"""Word-region alignment distance by optimal transport (UNITER WRA, spec §3.4).
+"""Word-region alignment distance by optimal transport (UNITER WRA, reference
+`model/ot.py`; docs/reference.md, "WRA").
 
 The cost between text token i and region j is the cosine distance of their
 final hidden states. The transport plan comes from IPOT (inexact proximal point

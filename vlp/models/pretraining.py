@@ -1,10 +1,10 @@
 """UNITER with its pre-training heads (torch `UniterForPretraining`).
 
-Heads (spec §3): MLM (`cls`, decoder tied to the word-embedding table), MRFR
-(`feat_regress`, projection transpose-tied to the image embedder's `img_linear`),
-MRC / MRC-kl (`region_classifier`) and ITM (`itm_output`, index 1 = match). The
-tasks in `vlp.tasks` gather the positions they need from `encode`'s sequence and
-call the head methods; every head returns float32.
+Heads, as in the reference's `model/pretrain.py`: MLM (`cls`, decoder tied to the
+word-embedding table), MRFR (`feat_regress`, projection transpose-tied to the image
+embedder's `img_linear`), MRC / MRC-kl (`region_classifier`) and ITM (`itm_output`,
+index 1 = match). The tasks in `vlp.tasks` gather the positions they need from
+`encode`'s sequence and call the head methods; every head returns float32.
 
 The head stacks `feat_regress.net` and `region_classifier.net` are `nnx.List`s with
 a parameter-free GELU at index 1, so their indices match the torch Sequentials

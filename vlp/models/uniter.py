@@ -1,8 +1,9 @@
 """UNITER backbone (torch `UniterModel`): text + image embedders, BERT encoder, pooler.
 
-Sequence layout is fixed ``[text T | regions K]`` (spec §1.4: real tokens' outputs do
-not depend on where padding sits, because regions have no position ids and padded keys
-get -10000). Text positions use ids 0..T-1; regions have no position ids.
+Sequence layout is fixed ``[text T | regions K]``; text positions use ids 0..T-1. The
+reference packs each example's regions right after its own text instead. Real tokens'
+outputs do not depend on where padding sits, because regions have no position ids and
+padded keys get -10000 (docs/reference.md, "Model and embeddings").
 
 Torch state-dict names of these parameters: `vlp.models.torch_names`.
 """
@@ -115,7 +116,7 @@ class BertIntermediate(nnx.Module):
 
 
 class BertLayer(nnx.Module):
-  """Post-LN transformer layer (spec §1.5)."""
+  """Post-LN transformer layer (BERT's, as the reference `model/layer.py`)."""
 
   def __init__(self, cfg: UniterConfig, *, rngs: nnx.Rngs):
     self.attention = BertAttention(cfg, rngs=rngs)

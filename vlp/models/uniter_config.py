@@ -1,7 +1,8 @@
 """UNITER model configuration.
 
 `UniterConfig` is a frozen dataclass holding every architectural number of the
-encoder and its pre-training heads (spec §1.1). `model_config(size, **overrides)`
+encoder and its pre-training heads (the reference sizes are
+`config/uniter-{base,large}.json`). `model_config(size, **overrides)`
 returns one of the named sizes with fields replaced; every field is validated so a
 bad experiment config fails at construction, naming the offending field.
 """

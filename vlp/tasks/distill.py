@@ -1,6 +1,6 @@
-"""Distilling cross-encoder scores into the dual encoder (ALADIN-style; see
-/work/shared/spec/matching_systems.md, "ALADIN: ALign And DIstill Network",
-"Formulas": distillation mode `listnet`).
+"""Distilling cross-encoder scores into the dual encoder (ALADIN-style: Messina
+et al., "ALADIN: ALign And DIstill Network", CBMI 2022; its `listnet`
+distillation mode, github mesnico/ALADIN `alad/loss.py`).
 
 On a batch of B matched pairs (the retrieval batch of `retrieval_ft`), with row
 j a candidate only when real (`example_mask`):

@@ -1,4 +1,5 @@
-"""Referring-expression grounding (spec §5.4): softmax CE over the image's regions.
+"""Referring-expression grounding: softmax CE over the image's regions (UNITER
+reference `model/re.py`, `train_re.py`; docs/reference.md, "Fine-tuning").
 
     l_b = -log softmax_k(s_bk)[target_b],   s_bk = -inf-like (-1e9) where img_mask is False
     L   = sum_{b real} l_b        (reduction="sum", the reference's train_loss='cls')

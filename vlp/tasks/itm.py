@@ -1,4 +1,5 @@
-"""Image-text matching with word-region alignment (spec §3.3-3.4).
+"""Image-text matching with word-region alignment (UNITER reference
+`model/pretrain.py` and `model/ot.py`; docs/reference.md, "ITM" and "WRA").
 
     L = L_itm + wra_weight * L_ot
     L_itm = 2-way softmax CE on the pooled output, mean over pairs

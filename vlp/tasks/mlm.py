@@ -1,4 +1,5 @@
-"""Masked language modelling (spec §3.1): CE averaged over masked tokens.
+"""Masked language modelling: CE averaged over masked tokens, as the UNITER
+reference's `model/pretrain.py` (docs/reference.md, "MLM").
 
 Hidden states of the masked text slots are gathered first, so the vocabulary
 projection runs on [B, P, H] only.

@@ -1,8 +1,9 @@
-"""Masked region modelling (spec §3.2): MRFR, MRC and MRC-kl.
+"""Masked region modelling: MRFR, MRC and MRC-kl (UNITER reference
+`model/pretrain.py`; docs/reference.md, "MRFR, MRC and MRC-kl").
 
 All three gather the hidden states of the masked regions (region slots follow
-the T text slots in the sequence) before running their head, and reduce as in
-spec §3.5:
+the T text slots in the sequence) before running their head, and reduce as the
+reference does (per element, not per region, for MRFR and MRC-kl):
   * mrfr:  squared error, mean over (masked regions x feature dim).
   * mrc:   CE against argmax over classes 1..C-1 (background 0 excluded), mean
            over masked regions.

@@ -1,5 +1,6 @@
-"""Retrieval fine-tuning with online hard negatives (spec §5.1, the reference's
-`train_itm_hard_negatives.py` recipe, with in-batch candidates).
+"""Retrieval fine-tuning with online hard negatives (the UNITER reference's
+`train_itm_hard_negatives.py` recipe, with in-batch candidates; docs/reference.md,
+"Fine-tuning").
 
 The batch holds B matched (caption, image) rows; negatives are formed by
 recombining rows: (text_a, image_j) and (text_j, image_a), j != a. Row j is a
@@ -25,7 +26,7 @@ same-image row would be a false negative).
    The reference divides each anchor's mean hinge by its 8 anchors per update
    and sums both directions, which is the same sum of two means.
 
-Sizes (spec §5.1): the reference keeps the top 31 of 399 random candidates per
+Sizes: the reference keeps the top 31 of 399 random candidates per
 anchor; here the candidates are the other B - 1 rows, so B = 400 with
 `num_hard_negatives=31` reproduces its ratio (n is clipped to B - 1). Cost: the
 scoring pass runs B * B pairs with every row an anchor, 2 * A * B with

@@ -1,4 +1,5 @@
-"""VQA fine-tuning (spec §5.3): multi-label BCE on soft answer targets.
+"""VQA fine-tuning: multi-label BCE on soft answer targets (UNITER reference
+`model/vqa.py`; docs/reference.md, "Fine-tuning").
 
     L = (1 / N) sum_{b real} sum_{a=1..A} bce(x_ba, y_ba)
     bce(x, y) = log(1 + e^x) - x y     (= -y log s(x) - (1 - y) log(1 - s(x)))

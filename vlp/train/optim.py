@@ -1,6 +1,7 @@
 """Optimizer from config: AdamW, UNITER's warm-up/decay schedule and decay mask.
 
-Spec (../shared/spec/uniter.md §4): AdamW (0.9, 0.98), eps 1e-6, weight decay
+As the UNITER reference (`optim/adamw.py`, `optim/sched.py`, `optim/misc.py`;
+docs/reference.md, "Optimizer and schedule"): AdamW (0.9, 0.98), eps 1e-6, weight decay
 0.01 on every parameter except those whose reference name contains ``bias``,
 ``LayerNorm.weight`` or ``LayerNorm.bias``; global-norm clipping; linear warm-up
 to the peak then linear decay to 0 at ``total_steps`` (non-positive -> 1e-8).

@@ -20,7 +20,7 @@ One schema, two record kinds (as `vqa_v2`):
   box (continuous IoU, area = w*h; ties go to the first region). With features
   extracted on the ground-truth boxes that region is the referred object itself.
 
-UNITER keeps every stored region for this task (spec §5.4: conf_th=-1,
+UNITER keeps every stored region for this task (its RefCOCO configs set conf_th=-1,
 num_bb=100): prepare with `--conf_th=-1` for that.
 """
 

@@ -53,7 +53,8 @@ SPECIAL_PIECES = ('[CLS]', '[SEP]', '[MASK]')
 # Image ids of different splits never collide, whatever the split sizes.
 SPLIT_ID_BASE = {'train': 0, 'val': 10_000_000, 'test': 20_000_000}
 # 1.2.0: the demo test split grew from 100 to 300 images (ids 100..299 are new) so
-# that two-stage retrieval at k = 20 can score <= 10 % of the pairs (see README).
+# that two-stage retrieval at k = 20 can score <= 10 % of the pairs (docs/experiments.md,
+# "Two-stage retrieval").
 SIZES = {'demo': (6000, 200, 300), 'small': (200, 40, 100)}
 FEATURE_DIMS = (64, 2048)
 

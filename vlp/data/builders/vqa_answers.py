@@ -1,7 +1,7 @@
 """VQA answer normalisation, soft scores and vocabulary, as the official evaluation.
 
-Normalisation follows the official `vqaEval.py` (see docs/spec
-matching_systems.md "VQA v2 accuracy"): newlines/tabs become spaces and the
+Normalisation follows the official `vqaEval.py` (github GT-Vision-Lab/VQA,
+`PythonEvaluationTools/vqaEvaluation/vqaEval.py`): newlines/tabs become spaces and the
 answer is stripped; then, only when a question's ground-truth answers are not all
 identical, punctuation handling and digit/article handling are applied to the
 ground truth and the prediction. Quirks of the official code are kept on purpose

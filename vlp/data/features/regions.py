@@ -1,14 +1,17 @@
 """One image's detector regions -> one validated, selected, typed record.
 
 Every reader (TSV, npz, npy) returns a :class:`Regions`; :func:`image_record`
-turns it into the image-level fields shared with `vlp_scenes` (spec §2.2):
+turns it into the image-level fields shared with `vlp_scenes`, selecting regions as
+the UNITER reference does (`data/data.py: compute_num_bb`; docs/reference.md, "Data
+formats"):
 
 * regions are ordered by descending `conf` (stable, so ties keep file order);
   sources without a confidence keep their file order and get conf = 1;
 * the region count is K = min(max_bb, max(min_bb, #{conf > conf_th})), capped by
   the number stored; the first K regions are kept. With conf = 1 (e.g. a BUTD
   TSV without a confidence column) this keeps every stored box up to max_bb;
-* `img_pos` is the 7-d box feature of spec §1.3 from pixel boxes and image size;
+* `img_pos` is UNITER's 7-d box feature (`vlp.data.boxes`) from pixel boxes and
+  image size;
 * features (and soft labels) are cast to the storage dtype (float16 default).
 
 Anything malformed raises :class:`BadInput` naming the source.
@@ -56,7 +59,7 @@ class RecordFormat:
     feature_dtype: storage dtype of features and soft labels.
     soft_label_dim: C of the stored soft labels; 0 stores none (the record then
       has no `soft_labels` field; batches pad zeros, see docs).
-    conf_th, min_bb, max_bb: the region-count rule (spec §2.2).
+    conf_th, min_bb, max_bb: the region-count rule above (UNITER: 0.2, 10, 100).
   """
   feature_dim: int = 2048
   feature_dtype: str = 'float16'
