@@ -10,7 +10,7 @@ Arguments after the colon: `size` (base | tiny) and `data` (refcoco | refcoco_pl
 import os
 
 from vlp import config_lib
-from vlp.downstream.configs import add_finetune_keys
+from vlp.jobs.configs import add_finetune_keys
 
 
 def get_config(arg=None):
@@ -25,6 +25,6 @@ def get_config(arg=None):
                    ["val", "test"] if arg.data == "refcocog" else ["val", "testA", "testB"])
   c.max_regions = max(c.max_regions, 10 if scenes else 100)  # Every candidate region.
   # A second build of `data` from detector features (the "det" evaluation setting);
-  # empty: only the setting of the main build (see vlp/downstream/grounding.py).
+  # empty: only the setting of the main build (see vlp/jobs/grounding.py).
   c.det_data_dir = ""
   return c

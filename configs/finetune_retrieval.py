@@ -18,7 +18,7 @@ ListNet distillation of the cross-encoder's scores (vlp/tasks/distill.py).
 import os
 
 from vlp import config_lib
-from vlp.downstream.configs import add_finetune_keys
+from vlp.jobs.configs import add_finetune_keys
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ the answer head, 6000 updates, warm-up 600.
 import os
 
 from vlp import config_lib
-from vlp.downstream.configs import add_finetune_keys
+from vlp.jobs.configs import add_finetune_keys
 
 
 def get_config(arg=None):

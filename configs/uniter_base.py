@@ -24,6 +24,7 @@ def get_config(arg=None):
   tiny = arg.size == "tiny"
   c = ml_collections.ConfigDict()
 
+  c.job = "pretrain"  # vlp.jobs: what this run trains and evaluates.
   c.seed = 42
   # Tiny: 64-row batches give twice the updates of 128 rows at about the same CPU time
   # per example, and ITM learns from the number of updates (docs/experiments.md,
@@ -47,9 +48,11 @@ def get_config(arg=None):
   c.num_region_classes = 9 if tiny else 1601  # vlp_scenes: 8 shapes + background.
   c.tokenizer = ""  # Empty: the sentencepiece model stored with the dataset.
   c.data_workers = 0  # grain worker processes per host.
-  # Slices of the global batch with their own shuffle and masking streams (0: one
-  # per process). Fix it (e.g. to the largest host count you will use) to get the
-  # same batches on any number of hosts.
+  # Slices of the global batch with their own shuffle and masking streams (0: the
+  # fewest that line up with the rows each process feeds: one per process where
+  # they are contiguous, more on a TPU torus). Fix it (e.g. to the number of batch
+  # pieces of the largest mesh you will use) to get the same batches on any number
+  # of hosts.
   c.data_shards = 0
 
   # Model: a named size plus field overrides (vlp.models.uniter_config).

@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -33,7 +34,11 @@ from vlp.parallel import global_batch, logical, mesh as mesh_lib, runtime, shard
 from vlp.models.pretraining import UniterForPretraining
 from vlp.models.uniter_config import model_config
 from vlp.tasks import make_loss_fn
-from vlp.train import loop, optim, pretrain_data, step as step_lib
+from vlp.data import shards as shards_lib
+from vlp.jobs import data_setup
+from vlp.jobs.base import Feed
+from vlp.jobs.pair_data import PairData
+from vlp.train import loop, optim, step as step_lib
 from vlp.train.state import create_train_state, state_shardings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,12 +167,28 @@ def test_process_rows_and_data_shards():
   m = _mesh(2, 2, 2)
   rules = sharding_lib.rules_for("fsdp_tp", m)
   np.testing.assert_array_equal(global_batch.process_rows(m, rules, 8), np.arange(8))
-  assert pretrain_data.shards_for_rows(np.arange(8), 8, 2) == [0, 1]
-  assert pretrain_data.shards_for_rows(np.arange(4, 8), 8, 2) == [1]
+  assert shards_lib.shards_for_rows(np.arange(8), 8, 2) == [0, 1]
+  assert shards_lib.shards_for_rows(np.arange(4, 8), 8, 2) == [1]
   with pytest.raises(ValueError, match="do not line up with 4 data shards"):
-    pretrain_data.shards_for_rows(np.arange(3, 6), 8, 4)
+    shards_lib.shards_for_rows(np.arange(3, 6), 8, 4)
   with pytest.raises(ValueError, match="not divisible by the 3 data shards"):
-    pretrain_data.shards_for_rows(np.arange(8), 8, 3)
+    shards_lib.shards_for_rows(np.arange(8), 8, 3)
+  keys = ml_collections.ConfigDict(dict(batch_size=8, data_shards=0))
+  assert loop.feed_for(keys, m, rules).num_shards == 1  # One process: one shard.
+  keys.data_shards = 4
+  assert loop.feed_for(keys, m, rules).num_shards == 4
+
+
+def test_data_shards_follow_a_torus_row_order():
+  # The row owners of a simulated v5litepod-16 (4 hosts): the fewest shards that each
+  # belong to one host are 8 (2 rows each), where contiguous hosts would give 4.
+  torus = [0, 0, 1, 1, 1, 1, 0, 2, 3, 3, 3, 3, 2, 2, 2, 0]
+  assert shards_lib.count_for([frozenset([p]) for p in torus]) == 16
+  pairs = [0, 0, 1, 1, 1, 1, 0, 0, 3, 3, 3, 3, 2, 2, 2, 2]
+  assert shards_lib.count_for([frozenset([p]) for p in pairs]) == 8
+  assert shards_lib.count_for([frozenset([p]) for p in np.repeat(np.arange(4), 4)]) == 4
+  # Rows every process feeds (batch not split across them) make one shard.
+  assert shards_lib.count_for([frozenset([0, 1])] * 8) == 1
 
 
 # ------------------------------------------------------------- sharded state, preset parity
@@ -178,9 +199,9 @@ def run_setup(data_dir):
   # What the loop runs in `test_checkpoint_restores_on_other_meshes`, step by step.
   # Dropout stays on: the RNG must not depend on the sharding.
   cfg = tiny_config(data_dir, tasks={"mlm": 1}, **_LOOP)
-  data = pretrain_data.PretrainData(cfg)
+  data = PairData(cfg, Feed.whole(cfg.batch_size))
   make_model = functools.partial(UniterForPretraining,
-                                 pretrain_data.model_config_for(cfg, data.tokenizer))
+                                 data_setup.model_config_for(cfg, data.tokenizer))
   tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.total_steps)
   it = data.train_iterator(lambda i: "mlm")
   batches = [next(it) for _ in range(5)]

@@ -18,9 +18,10 @@ import jax
 import numpy as np
 import pytest
 
-from vlp import config_lib, downstream
+from vlp import config_lib, jobs
 from vlp.data import scenes
-from vlp.downstream import retrieval as retrieval_job
+from vlp.jobs import retrieval as retrieval_job
+from vlp.jobs.base import Feed
 from vlp.evaluators import vqa as vqa_eval
 from vlp.train import loop
 
@@ -54,7 +55,7 @@ def finetune(config_file, pretrained_dir, tmp_path, **overrides):
   data_dir, init = pretrained_dir
   cfg = small(config_file, data_dir, init_from=init, log_every=1, **overrides)
   work = str(tmp_path)
-  out = loop.train_and_evaluate(cfg, work, devices=ONE, job_factory=downstream.job_factory(cfg))
+  out = loop.train_and_evaluate(cfg, work, devices=ONE)
   with open(os.path.join(work, "metrics.jsonl")) as f:
     losses = [r[f"loss/{r['task']}"] for r in map(json.loads, f)]
   return cfg, work, out, losses
@@ -75,8 +76,7 @@ def test_vqa(pretrained_dir, tmp_path):
   assert again["overall"] == out["vqa_acc"]
   # The same checkpoint on the test split, through the evaluate entry point.
   cfg.eval_split = "test"
-  test_out = loop.evaluate_checkpoint(cfg, work, devices=ONE,
-                                      job_factory=downstream.job_factory(cfg))
+  test_out = loop.evaluate_checkpoint(cfg, work, devices=ONE)
   assert os.path.exists(os.path.join(work, "eval_test.json"))
   assert test_out["split"] == "test" and test_out["num_questions"] > 0
 
@@ -87,7 +87,7 @@ def _restored_state(cfg, work):
   from vlp.parallel import mesh as mesh_lib, sharding as sharding_lib
   from vlp.train import optim
   from vlp.train.state import abstract_state, state_shardings
-  job = downstream.job_factory(cfg)(cfg, np.arange(cfg.batch_size))
+  job = jobs.job_factory(cfg)(cfg, Feed.whole(cfg.batch_size))
   mesh = mesh_lib.make_mesh(cfg.mesh, ONE)
   tx, _ = optim.make_optimizer(cfg.optimizer, cfg.total_steps)
   graphdef, sh = state_shardings(job.make_model, tx, mesh=mesh,
@@ -103,8 +103,8 @@ def test_grounding_accuracy_matches_numpy(pretrained_dir, tmp_path):
                                     pretrained_dir, tmp_path, total_steps=10)
   # (That this loss falls is checked on a fixed batch in test_downstream_tasks.py.)
   assert all(np.isfinite(losses))
-  from vlp.downstream import grounding
-  from vlp.downstream.common import EvalRows
+  from vlp.jobs import grounding
+  from vlp.jobs.eval_batches import EvalRows
   from flax import nnx
   job, graphdef, state = _restored_state(cfg, work)
   model = nnx.merge(graphdef, state.params)

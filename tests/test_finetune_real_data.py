@@ -28,13 +28,13 @@ import jax
 import numpy as np
 import pytest
 
-from vlp import checkpoint as ckpt_lib, downstream, pretrained
+from vlp import checkpoint as ckpt_lib, pretrained
 from vlp.data import downstream_records as dr
 from vlp.data import prepare
 from vlp.data.batching import BatchSpec
 from vlp.data.builders import vlp_scenes, vqa_v2
 from vlp.data.tokenizer import Tokenizer
-from vlp.downstream import grounding, task_data
+from vlp.jobs import data_setup, grounding
 from vlp.evaluators import vqa as vqa_eval
 from vlp.train import loop
 
@@ -256,7 +256,7 @@ def test_tokenizer_resolution(built, tmp_path):
   cfg = small('configs/finetune_vqa.py:size=tiny,data=vqa_v2', built['vqa'].data_dir)
   with pytest.raises(FileNotFoundError, match=r'stores no tokenizer \(spm.model\) and '
                                               'config.init_from is empty'):
-    task_data.tokenizer_path(cfg, built['vqa'])
+    data_setup.tokenizer_path(cfg, built['vqa'])
   spm = str(built['tokenizer'].path)
   # A pretrained directory names its tokenizer file in config.json.
   pre = tmp_path / 'pre'
@@ -265,16 +265,16 @@ def test_tokenizer_resolution(built, tmp_path):
       'format': pretrained.FORMAT, 'format_version': pretrained.FORMAT_VERSION,
       'tokenizer': {'type': 'sentencepiece', 'file': 'spm.model'}}))
   cfg.init_from = str(pre)
-  assert task_data.tokenizer_path(cfg, built['vqa']) == str(pre / 'spm.model')
+  assert data_setup.tokenizer_path(cfg, built['vqa']) == str(pre / 'spm.model')
   # A training workdir: the model_info of its latest checkpoint.
   work = tmp_path / 'work'
   ckpt = ckpt_lib.Checkpointer(str(work / 'checkpoints'), save_every=1, keep=1)
   ckpt.save(3, {'x': np.zeros(2)}, {'model_info': {'tokenizer': spm}}, force=True)
   ckpt.close()
   cfg.init_from = str(work)
-  assert task_data.tokenizer_path(cfg, built['vqa']) == spm
+  assert data_setup.tokenizer_path(cfg, built['vqa']) == spm
   cfg.tokenizer = '/explicit/spm.model'
-  assert task_data.tokenizer_path(cfg, built['vqa']) == '/explicit/spm.model'
+  assert data_setup.tokenizer_path(cfg, built['vqa']) == '/explicit/spm.model'
 
 
 # ------------------------------------------------------------------ end to end
@@ -292,7 +292,7 @@ def test_vqa_v2_finetune_val_and_test_dev(built, tmp_path):
   cfg = _config('configs/finetune_vqa.py:size=tiny,data=vqa_v2', built, built['vqa'],
                 total_steps=8, batch_size=8, eval_batch_size=8)
   work = str(tmp_path)
-  out = loop.train_and_evaluate(cfg, work, devices=ONE, job_factory=downstream.job_factory(cfg))
+  out = loop.train_and_evaluate(cfg, work, devices=ONE)
   with open(os.path.join(work, 'metrics.jsonl')) as f:
     assert all(np.isfinite(r['loss/vqa']) for r in map(json.loads, f))
   qs = {q['question_id']: q for q in built['questions']['val']}
@@ -308,8 +308,7 @@ def test_vqa_v2_finetune_val_and_test_dev(built, tmp_path):
       assert out['vqa_acc_per_answer_type'][atype] == round(100 * np.mean(mine), 2)
   # test_dev: no answers, so a results file for the server and no accuracy.
   cfg.eval_split = 'test_dev'
-  test = loop.evaluate_checkpoint(cfg, work, devices=ONE,
-                                  job_factory=downstream.job_factory(cfg))
+  test = loop.evaluate_checkpoint(cfg, work, devices=ONE)
   assert test['vqa_acc'] is None and 'no answers' in test['note']
   assert sorted(r['question_id'] for r in vqa_eval.read_results(test['results_file'])) == \
       sorted(q['question_id'] for q in built['questions']['test_dev'])
@@ -323,8 +322,7 @@ def test_refcoco_finetune_gt_and_det_settings(built, tmp_path):
   cfg = _config('configs/finetune_refcoco.py:size=tiny,data=refcoco', built, gt,
                 total_steps=6, batch_size=8, eval_batch_size=8, max_regions=5,
                 det_data_dir=det_dir)
-  out = loop.train_and_evaluate(cfg, str(tmp_path), devices=ONE,
-                                job_factory=downstream.job_factory(cfg))
+  out = loop.train_and_evaluate(cfg, str(tmp_path), devices=ONE)
   assert out['setting'] == 'gt' and out['settings']['det'].startswith('evaluated on')
   with open(out['predictions_file']) as f:
     predictions = json.load(f)
@@ -348,8 +346,7 @@ def test_refcoco_finetune_gt_and_det_settings(built, tmp_path):
   assert out['grounding_acc'] == out['grounding_acc/val'] == out['grounding_acc_gt/val']
   # Without det_data_dir the det setting is reported as not evaluated, with the reason.
   cfg.det_data_dir = ''
-  again = loop.evaluate_checkpoint(cfg, str(tmp_path), devices=ONE,
-                                   job_factory=downstream.job_factory(cfg))
+  again = loop.evaluate_checkpoint(cfg, str(tmp_path), devices=ONE)
   assert again['settings']['det'].startswith('not evaluated') and 'det_data_dir' in \
       again['settings']['det']
   assert again['grounding_acc/testB'] == out['grounding_acc_gt/testB']

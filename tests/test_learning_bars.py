@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlp import config_lib, downstream
+from vlp import config_lib
 from vlp.data import scenes
 from vlp.evaluators import vqa as vqa_eval
 from vlp.train import loop
@@ -69,8 +69,7 @@ def run(config_file, data_dir, workdir, **overrides):
   cfg = config_lib.load_config_file(os.path.join(REPO, config_file))
   cfg = config_lib.set_values(cfg, dict(data_dir=data_dir,
                                         mesh={"data": 1, "fsdp": 1, "tensor": 1}, **overrides))
-  return loop.train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:1],
-                                 job_factory=downstream.job_factory(cfg))
+  return loop.train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")

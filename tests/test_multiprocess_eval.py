@@ -8,7 +8,8 @@ evaluates; 2 processes x 4 devices must give what 1 process x 8 devices (same
 order) gives:
 * the training losses (so `init_from` restored the same weights into the sharded
   state on both processes: retrieval and grounding from a pretraining workdir,
-  VQA from an exported directory);
+  VQA from an exported directory; and the default `data_shards=0` found the 8
+  shards that the 1-process run is given);
 * retrieval R@K, VQA accuracy and its per-question results file, grounding
   accuracy and its per-expression predictions. A prediction matched to another
   row's label changes the per-example files even where the means agree.
@@ -62,11 +63,11 @@ def sources(tmp_path_factory):
   return {"data_dir": str(data_dir), "workdir": work, "export": export}
 
 
-def _spec(sources, root) -> str:
+def _spec(sources, root, data_shards) -> str:
   runs = []
   for name, (config, source, extra) in JOBS.items():
     overrides = dict(SMALL, data_dir=sources["data_dir"], init_from=sources[source],
-                     batch_size=16, data_shards=8, total_steps=2, eval_every=2,
+                     batch_size=16, data_shards=data_shards, total_steps=2, eval_every=2,
                      checkpoint_every=2, log_every=1,
                      mesh={"data": 8, "fsdp": 1, "tensor": 1}, **extra)
     runs.append({"config": config, "workdir": os.path.join(root, name),
@@ -113,14 +114,15 @@ def _results(workdir):
 @pytest.fixture(scope="module")
 def one_process(sources, tmp_path_factory):
   root = str(tmp_path_factory.mktemp("one"))
-  return _run([sys.executable, DRIVER, _spec(sources, root)], _env(devices=8), root)
+  return _run([sys.executable, DRIVER, _spec(sources, root, 8)], _env(devices=8), root)
 
 
 @pytest.fixture(scope="module")
 def two_processes(sources, tmp_path_factory):
   root = str(tmp_path_factory.mktemp("two"))
+  # The default data_shards=0: shards follow the sharding, 8 of 2 rows for this order.
   return _run([LAUNCH, "2", "--cpu_devices=4", "--", sys.executable, DRIVER,
-               _spec(sources, root)], _env(), root)
+               _spec(sources, root, 0)], _env(), root)
 
 
 def test_the_order_gives_each_process_scattered_rows(two_processes):

@@ -20,7 +20,9 @@ from vlp.parallel import mesh as mesh_lib, sharding as sharding_lib
 from vlp.models.pretraining import UniterForPretraining
 from vlp.tasks import TASKS, make_loss_fn
 from vlp.train import loop, optim, step as step_lib
-from vlp.train.pretrain_data import PretrainData, model_config_for
+from vlp.jobs.base import Feed
+from vlp.jobs.data_setup import model_config_for
+from vlp.jobs.pair_data import PairData
 from vlp.train.state import create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +57,7 @@ def test_every_objective_loss_falls(data_dir):
   cfg.model.attention_dropout = 0.0
   cfg.optimizer.learning_rate = 3e-3
   cfg.optimizer.warmup_steps = 5
-  data = PretrainData(cfg)
+  data = PairData(cfg, Feed.whole(cfg.batch_size))
   mcfg = model_config_for(cfg, data.tokenizer)
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
   rules = sharding_lib.rules_for("dp", mesh)

@@ -45,13 +45,12 @@ def main(spec_path: str) -> None:
     return np.asarray([devices[i] for i in order], dtype=object).reshape(shape)
 
   mesh_utils.create_device_mesh = torus_grid
-  from vlp import config_lib, downstream
+  from vlp import config_lib
   from vlp.train import loop
   for run in spec["runs"]:
     config = config_lib.load_config_file(os.path.join(REPO, run["config"]))
     config = config_lib.set_values(config, run["overrides"])
-    factory = downstream.job_factory(config) if "task" in config else None
-    loop.train_and_evaluate(config, run["workdir"], job_factory=factory)
+    loop.train_and_evaluate(config, run["workdir"])
   print(f"process {jax.process_index()}: done", flush=True)
 
 

@@ -24,11 +24,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.initialize_from_flags(cpu_devices=_CONFIG.value.get("cpu_devices", 0))
-  from vlp import downstream
   from vlp.train import loop
-  config = _CONFIG.value
-  factory = downstream.job_factory(config) if "task" in config else None
-  out = loop.evaluate_checkpoint(config, _WORKDIR.value, job_factory=factory)
+  out = loop.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
   print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}))
 
 

@@ -29,10 +29,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Before anything touches the devices.
   runtime.initialize_from_flags(cpu_devices=_CONFIG.value.get("cpu_devices", 0))
-  from vlp import downstream
   from vlp.train import loop
-  config = _CONFIG.value
-  loop.train_and_evaluate(config, _WORKDIR.value, job_factory=downstream.job_factory(config))
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,21 @@ def process_rows(mesh: Mesh, rules, global_size: int) -> np.ndarray:
   return np.array(sorted(rows), dtype=np.int64)
 
 
+def row_owners(mesh: Mesh, rules, global_size: int) -> list[frozenset[int]]:
+  """For every row of the global batch, the processes that feed it (the same on
+  every host: read off the sharding of all devices)."""
+  pieces = sharding_lib.batch_shard_count(mesh, rules)
+  if global_size % pieces:
+    raise ValueError(f"global batch {global_size} does not split into the {pieces} pieces "
+                     f"of the batch sharding over mesh {dict(mesh.shape)}")
+  sharding = NamedSharding(mesh, sharding_lib.batch_spec(mesh, rules, 1))
+  owners: list[set[int]] = [set() for _ in range(global_size)]
+  for device, index in sharding.devices_indices_map((global_size,)).items():
+    for r in range(global_size)[index[0]]:
+      owners[r].add(device.process_index)
+  return [frozenset(o) for o in owners]
+
+
 def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules,
                    global_size: int | None = None) -> dict:
   """This process's rows (in `process_rows` order) -> global arrays.

@@ -29,7 +29,7 @@ _NOTE = ("baselines: retrieval R@1 chance = 100/N images; vqa_acc_majority = one
 
 _TWO_STAGE = "ft_retrieval_dual/eval_test.json"
 _TWO_STAGE_KEYS = _RECALLS + ("rsum",)
-_K_PREFIX = "two_stage_k"  # eval keys two_stage_k<k>, one per k (vlp/downstream/retrieval.py)
+_K_PREFIX = "two_stage_k"  # eval keys two_stage_k<k>, one per k (vlp/jobs/retrieval.py)
 
 
 def two_stage_table(workdir: str) -> str | None:

@@ -113,20 +113,11 @@ def zero_shot_retrieval(score_fn: Callable, params: Any, gallery: Mapping[str, n
   return retrieval.recall_at_k(matrix, gallery["txt2img"])
 
 
-_JIT_CACHE: dict = {}
+def jit_eval_step(graphdef, loss_fn: Callable):
+  """`jax.jit` of `step.make_eval_step` (cache it per run: `EvalContext.jit`)."""
+  return jax.jit(step_lib.make_eval_step(graphdef, loss_fn))
 
 
-def jitted_eval_step(graphdef, loss_fn: Callable):
-  """`jax.jit` of `step.make_eval_step`, compiled once per (model, objective)."""
-  key = (id(graphdef), id(loss_fn), "eval")
-  if key not in _JIT_CACHE:
-    _JIT_CACHE[key] = jax.jit(step_lib.make_eval_step(graphdef, loss_fn))
-  return _JIT_CACHE[key]
-
-
-def jitted_score_step(graphdef):
+def jit_score_step(graphdef):
   """`jax.jit` of `step.make_score_step` (the ITM match logit per pair)."""
-  key = (id(graphdef), None, "score")
-  if key not in _JIT_CACHE:
-    _JIT_CACHE[key] = jax.jit(step_lib.make_score_step(graphdef))
-  return _JIT_CACHE[key]
+  return jax.jit(step_lib.make_score_step(graphdef))

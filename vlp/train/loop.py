@@ -33,8 +33,9 @@ from vlp import checkpoint as ckpt_lib
 from vlp.parallel import global_batch, mesh as mesh_lib, sharding as sharding_lib
 from vlp.parallel import logical, preemption as preemption_lib
 from vlp.train import metrics as metrics_lib, optim, step as step_lib
-from vlp.train.job import EvalContext, JobFactory
-from vlp.train.pretrain_job import make_pretrain_job
+from vlp import jobs
+from vlp.data import shards as shards_lib
+from vlp.jobs.base import EvalContext, Feed, JobFactory
 from vlp.train.state import abstract_state, create_train_state, state_shardings
 from vlp.train.task_mix import BatchKinds, TaskMix
 
@@ -48,8 +49,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        job_factory: JobFactory | None = None) -> dict[str, Any]:
   """Trains per `config` in `workdir`; returns the last evaluation.
 
-  `job_factory` (default: pretraining) supplies data, model, objectives and
-  evaluation (`vlp.train.job`). `devices` (default: all) lets a single-process
+  `job_factory` (default: the job `config.job` names, `vlp.jobs`) supplies data,
+  model, objectives and evaluation. `devices` (default: all) lets a single-process
   run use a subset, e.g. a one-device reference inside an 8-device test process.
   """
   os.makedirs(workdir, exist_ok=True)
@@ -58,8 +59,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   metrics_lib.log(f"process {jax.process_index()}/{jax.process_count()}, "
                   f"{jax.device_count()} devices, mesh {dict(mesh.shape)}, sharding {config.sharding}")
 
-  rows = global_batch.process_rows(mesh, rules, config.batch_size)
-  job = (job_factory or make_pretrain_job)(config, rows)
+  feed = feed_for(config, mesh, rules)
+  job = (job_factory or jobs.job_factory(config))(config, feed)
   make_model = job.make_model
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
                                       lr_multipliers=job.lr_multipliers)
@@ -96,18 +97,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_count() > 1:
     # Hosts that disagree here would deadlock in the first collective instead.
     multihost_utils.assert_equal(
-        np.array([start_step, len(rows)] + [mix.names.index(mix.task(start_step + i))
+        np.array([start_step, len(feed.rows)] + [mix.names.index(mix.task(start_step + i))
                                             for i in range(8)]),
         "processes disagree on the resume step, local batch or task order; do they all "
         "see the same workdir and config?")
 
-  def to_global(host_batch: dict) -> dict:
-    # Every host feeds the same fraction of each global batch (train, eval, pairs).
-    local = len(next(iter(host_batch.values())))
-    return global_batch.host_to_global(host_batch, mesh, rules,
-                                       global_size=local * config.batch_size // len(rows))
-
+  to_global = _to_global(config, mesh, rules, feed)
   compiled: dict[str, Any] = {}
+  eval_compiled: dict = {}  # The evaluators' jits, kept for this run only.
 
   def step_for(task: str, host_batch: dict):
     if task not in compiled:
@@ -125,7 +122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def evaluate(params, step: int) -> dict[str, Any]:
     ctx = EvalContext(step=step, config=config, workdir=workdir, graphdef=graphdef,
-                      mesh=mesh, rules=rules, to_global=to_global, loss_fns=loss_fns)
+                      mesh=mesh, rules=rules, to_global=to_global, loss_fns=loss_fns,
+                      compiled=eval_compiled)
     out = job.evaluate(params, ctx)
     metrics_lib.write_json(os.path.join(workdir, job.eval_file), out)
     metrics_lib.MetricWriter(workdir, "eval_history.jsonl").write(out)
@@ -169,6 +167,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return last_eval
 
 
+def feed_for(config: ml_collections.ConfigDict, mesh, rules) -> Feed:
+  """This process's rows of the global batch (from the batch sharding) and the data
+  shards (`config.data_shards`, or with 0 the fewest that line up with the rows)."""
+  rows = global_batch.process_rows(mesh, rules, config.batch_size)
+  shards = int(config.data_shards) or shards_lib.count_for(
+      global_batch.row_owners(mesh, rules, config.batch_size))
+  return Feed(rows, shards)
+
+
+def _to_global(config, mesh, rules, feed: Feed):
+  def to_global(host_batch: dict) -> dict:
+    # Every host feeds the same fraction of each global batch (train, eval, pairs).
+    local = len(next(iter(host_batch.values())))
+    return global_batch.host_to_global(
+        host_batch, mesh, rules, global_size=local * config.batch_size // len(feed.rows))
+  return to_global
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         job_factory: JobFactory | None = None,
                         devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
@@ -179,8 +195,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   """
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.rules_for(config.sharding, mesh)
-  rows = global_batch.process_rows(mesh, rules, config.batch_size)
-  job = (job_factory or make_pretrain_job)(config, rows)
+  feed = feed_for(config, mesh, rules)
+  job = (job_factory or jobs.job_factory(config))(config, feed)
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps,
                                lr_multipliers=job.lr_multipliers)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -194,13 +210,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   state, _ = ckpt.restore(latest, abstract_state(state_sh, job.make_model, tx))
   ckpt.close()
 
-  def to_global(host_batch: dict) -> dict:
-    local = len(next(iter(host_batch.values())))
-    return global_batch.host_to_global(host_batch, mesh, rules,
-                                       global_size=local * config.batch_size // len(rows))
-
   ctx = EvalContext(step=int(state.step), config=config, workdir=workdir, graphdef=graphdef,
-                    mesh=mesh, rules=rules, to_global=to_global, loss_fns=job.loss_fns)
+                    mesh=mesh, rules=rules, to_global=_to_global(config, mesh, rules, feed),
+                    loss_fns=job.loss_fns)
   with logical.activate(mesh, rules):
     out = job.evaluate(state.params, ctx)
   metrics_lib.write_json(os.path.join(workdir, job.eval_file), out)

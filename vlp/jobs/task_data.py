@@ -3,14 +3,10 @@
 Wraps `vlp.data.downstream_records` (which reads either record layout: the
 image-level `vlp_scenes` records with `questions` / `refexps`, or the
 per-example records of `vqa_v2` and `refcoco` / `refcoco_plus` / `refcocog`) the
-way `vlp.train.pretrain_data` wraps the pretraining pipeline: the global batch
-is cut into data shards, a process builds the shards its devices hold, and the
-resumable position is the batch index.
-
-Tokenizer: `config.tokenizer`, else the `spm.model` stored with the data
-(vlp_scenes, Karpathy builds), else the one the `config.init_from` model was
-trained with (a pretrained directory's tokenizer file, or the `model_info` of a
-training workdir's checkpoint). The real VQA / RefCOCO builds store none.
+way `vlp.jobs.pair_data` wraps the pair pipeline: the global batch is cut into
+data shards (`vlp.data.shards`), a process builds the shards its devices hold,
+and the resumable position is the batch index. The tokenizer is resolved by
+`vlp.jobs.data_setup.tokenizer_path`.
 """
 
 from __future__ import annotations
@@ -18,36 +14,13 @@ from __future__ import annotations
 import functools
 import os
 
-import jax
 import ml_collections
-import numpy as np
 import tensorflow_datasets as tfds
 
-from vlp.data import downstream_records, scenes
+from vlp.data import downstream_records, scenes, shards as shards_lib
 from vlp.data.batching import BatchSpec
-from vlp.data.tokenizer import Tokenizer
-from vlp.train import pretrain_data
-
-
-def tokenizer_path(config: ml_collections.ConfigDict, builder) -> str:
-  """The sentencepiece model for `config` (module doc: where it is looked for)."""
-  if config.tokenizer:
-    return config.tokenizer
-  if config.data == "vlp_scenes":
-    return scenes.tokenizer_path(builder)
-  stored = os.path.join(os.fspath(builder.data_dir), "spm.model")
-  if os.path.exists(stored):
-    return stored
-  from vlp import pretrained  # Only when needed: it pulls in orbax.
-  from_init = pretrained.tokenizer_of(config.init_from) if config.init_from else None
-  if from_init:
-    return from_init
-  raise FileNotFoundError(
-      f"config.data={config.data!r} ({builder.data_dir}) stores no tokenizer (spm.model)"
-      + (f" and config.init_from={config.init_from!r} names none"
-         if config.init_from else " and config.init_from is empty")
-      + "; set config.tokenizer to the sentencepiece model the backbone was pretrained "
-      "with (e.g. the spm.model of the coco_karpathy build)")
+from vlp.jobs import data_setup
+from vlp.jobs.base import Feed
 
 
 class TaskData:
@@ -58,12 +31,12 @@ class TaskData:
     layout: 'images' (vlp_scenes) or 'examples' (vqa_v2, refcoco builders).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, rows: np.ndarray, task: str):
+  def __init__(self, config: ml_collections.ConfigDict, feed: Feed, task: str):
     self.config, self.task = config, task
-    self.num_shards = int(config.get("data_shards") or jax.process_count())
-    self.shards = pretrain_data.shards_for_rows(rows, config.batch_size, self.num_shards)
-    self.builder = pretrain_data.open_builder(config)
-    self.tokenizer = Tokenizer(tokenizer_path(config, self.builder))
+    self.num_shards = feed.num_shards
+    self.shards = shards_lib.shards_for_rows(feed.rows, config.batch_size, self.num_shards)
+    self.builder = data_setup.open_builder(config)
+    self.tokenizer = data_setup.open_tokenizer(config, self.builder)
     self.layout = downstream_records.layout(self.builder, task)
     self.answers = None
     if task == "vqa":
@@ -79,17 +52,17 @@ class TaskData:
         seed=self.config.seed, process_index=shard, process_count=self.num_shards,
         start_index=start_index, answers=self.answers, worker_count=self.config.data_workers)
            for shard in self.shards]
-    return its[0] if len(its) == 1 else pretrain_data.ShardedIterator(its)
+    return its[0] if len(its) == 1 else shards_lib.ShardedIterator(its)
 
   def eval_dataset(self, split: str, rows, builder=None):
     """The eval batches of `split` (of `builder`, default the main data) that this
-    process feeds: `rows` (`common.EvalRows`) cuts each global eval batch into one
+    process feeds: `rows` (`eval_batches.EvalRows`) cuts each global eval batch into one
     data shard per batch piece, so the batches do not depend on the process count
     or the device order. Indexed once, then reused by every evaluation."""
     builder = builder or self.builder
     key = (os.fspath(builder.data_dir), split, rows.size, tuple(rows.rows))
     if key not in self._eval:
-      shards = pretrain_data.shards_for_rows(rows.rows, rows.size, rows.pieces)
+      shards = shards_lib.shards_for_rows(rows.rows, rows.size, rows.pieces)
       self._eval[key] = downstream_records.make_task_eval_dataset(
           builder, BatchSpec.from_config(self.config, rows.size // rows.pieces),
           task=self.task, tokenizer=self.tokenizer, split=split, shards=shards,

@@ -25,26 +25,26 @@ import ml_collections
 import numpy as np
 
 from vlp.data import downstream_records, scenes
-from vlp.downstream import common
-from vlp.downstream.task_data import TaskData
+from vlp.jobs import base, data_setup, eval_batches
+from vlp.jobs.task_data import TaskData
 from vlp.evaluators import vqa as vqa_eval
 from vlp.models.downstream import UniterForVqa
 from vlp.tasks import make_loss_fn
-from vlp.train import pretrain_data
-from vlp.train.job import EvalContext, Job
+
+from vlp.jobs.base import EvalContext, Feed, Job
 
 
-def make_vqa_job(config: ml_collections.ConfigDict, rows: np.ndarray) -> Job:
-  data = TaskData(config, rows, "vqa")
-  model_cfg = pretrain_data.model_config_for(config, data.tokenizer)
+def make_vqa_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
+  data = TaskData(config, feed, "vqa")
+  model_cfg = data_setup.model_config_for(config, data.tokenizer)
   make_model = functools.partial(UniterForVqa, model_cfg, num_answers=len(data.answers))
   return Job(
       data=data, make_model=make_model,
       loss_fns={"vqa": make_loss_fn("vqa")}, batch_kinds={"vqa": "vqa"},
       evaluate=functools.partial(evaluate_vqa, data=data),
-      init_params=common.init_params_fn(config, model_cfg),
+      init_params=base.init_params_fn(config, model_cfg),
       eval_file=f"eval_{config.eval_split}.json",
-      model_info=common.model_info(UniterForVqa, model_cfg, data.tokenizer,
+      model_info=base.model_info(UniterForVqa, model_cfg, data.tokenizer,
                                    num_answers=len(data.answers)),
       lr_multipliers={"vqa_output": config.head_lr_mult} if config.head_lr_mult != 1 else {})
 
@@ -56,12 +56,12 @@ def predict(model, batch):
 def evaluate_vqa(params, ctx: EvalContext, *, data: TaskData) -> dict:
   t0 = time.perf_counter()
   split = ctx.config.eval_split
-  rows = common.eval_rows(ctx)
+  rows = eval_batches.eval_rows(ctx)
   ds = data.eval_dataset(split, rows)
-  fn = common.forward_fn(ctx.graphdef, predict)
+  fn = eval_batches.forward_fn(ctx, predict)
   qids, labels = [], []
   for batch in ds:
-    pred = common.run_forward(fn, params, batch, ctx)
+    pred = eval_batches.run_forward(fn, params, batch, ctx)
     keep = rows.gather(batch["example_mask"])
     qids.append(rows.gather(batch["question_id"])[keep])
     labels.append(np.asarray(pred)[keep])

@@ -19,25 +19,25 @@ import time
 import ml_collections
 import numpy as np
 
-from vlp.downstream import common
-from vlp.downstream.task_data import TaskData
+from vlp.jobs import base, data_setup, eval_batches
+from vlp.jobs.task_data import TaskData
 from vlp.evaluators import grounding as grounding_eval
 from vlp.models.downstream import UniterForGrounding
 from vlp.tasks import make_loss_fn
-from vlp.train import metrics as metrics_lib, pretrain_data
-from vlp.train.job import EvalContext, Job
+from vlp.train import metrics as metrics_lib
+from vlp.jobs.base import EvalContext, Feed, Job
 
 
-def make_grounding_job(config: ml_collections.ConfigDict, rows: np.ndarray) -> Job:
-  data = TaskData(config, rows, "re")
-  model_cfg = pretrain_data.model_config_for(config, data.tokenizer)
+def make_grounding_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
+  data = TaskData(config, feed, "re")
+  model_cfg = data_setup.model_config_for(config, data.tokenizer)
   return Job(
       data=data, make_model=functools.partial(UniterForGrounding, model_cfg),
       loss_fns={"grounding": make_loss_fn("grounding")}, batch_kinds={"grounding": "re"},
       evaluate=functools.partial(evaluate_grounding, data=data),
-      init_params=common.init_params_fn(config, model_cfg),
+      init_params=base.init_params_fn(config, model_cfg),
       eval_file=f"eval_{config.eval_split}.json",
-      model_info=common.model_info(UniterForGrounding, model_cfg, data.tokenizer))
+      model_info=base.model_info(UniterForGrounding, model_cfg, data.tokenizer))
 
 
 def region_scores(model, batch):
@@ -56,10 +56,10 @@ def evaluate_grounding(params, ctx: EvalContext, *, data: TaskData) -> dict:
   on vlp_scenes).
   """
   t0 = time.perf_counter()
-  fn = common.forward_fn(ctx.graphdef, region_scores)
+  fn = eval_batches.forward_fn(ctx, region_scores)
   agg = grounding_eval.GroundingAggregator()
   splits = list(ctx.config.eval_splits) or [ctx.config.eval_split]
-  rows = common.eval_rows(ctx)
+  rows = eval_batches.eval_rows(ctx)
   builds = [("data_dir", data.builder)]
   det = data.det_builder
   if det is not None:
@@ -129,12 +129,12 @@ def region_setting(layout: str, datasets: dict) -> tuple[str, str]:
 GT_IOU = 0.99
 
 
-def _run_split(fn, params, ctx: EvalContext, rows: common.EvalRows, ds, agg, setting: str,
+def _run_split(fn, params, ctx: EvalContext, rows: eval_batches.EvalRows, ds, agg, setting: str,
                split: str) -> list:
   index = getattr(ds, "split_index", None)  # Per-example records: sentence ids.
   out = []
   for batch in ds:
-    scores = np.asarray(common.run_forward(fn, params, batch, ctx))
+    scores = np.asarray(eval_batches.run_forward(fn, params, batch, ctx))
     boxes, mask = rows.gather(batch["img_boxes"]), rows.gather(batch["img_mask"])
     keep, gt = rows.gather(batch["example_mask"]), rows.gather(batch["gt_box"])
     pred = agg.add_scores(setting, split, scores, boxes, gt, mask, keep)

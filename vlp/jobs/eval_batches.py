@@ -1,4 +1,9 @@
-"""Pieces every fine-tuning job shares: data setup, model config, init_from, eval I/O."""
+"""Evaluation batches: which rows a process feeds, and model outputs in row order.
+
+Every evaluator builds global eval batches the same way on every host, feeds the
+rows its devices hold (from the sharding, whatever the device order) and reads
+outputs and host fields back in row order.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from vlp import pretrained
 from vlp.parallel import global_batch, sharding as sharding_lib
-from vlp.train.job import EvalContext
+from vlp.jobs.base import EvalContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,37 +41,13 @@ def eval_rows(ctx: EvalContext) -> EvalRows:
   return EvalRows(size, pieces, global_batch.process_rows(ctx.mesh, ctx.rules, size))
 
 
-def init_params_fn(config: ml_collections.ConfigDict, model_cfg,
-                   after: Callable[[dict, dict], dict] | None = None):
-  """`Job.init_params` loading `config.init_from` (None when it is empty) straight
-  into the shardings of the fresh parameters.
-
-  `after(params, report)` may fix up heads, e.g. the retrieval head copied from
-  the pre-trained ITM head when the checkpoint has no retrieval head; it runs
-  under jit into the same shardings, so it works on arrays that span processes.
-  """
-  if not config.init_from:
-    return None
-
-  def init(params):
-    merged, report = pretrained.init_params_from(params, config.init_from, model_cfg)
-    if after is None:
-      return merged
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    return jax.jit(lambda p: after(p, report), out_shardings=shardings)(merged)
-  return init
-
-
-def model_info(model_cls, model_cfg, tokenizer, **heads: Any) -> dict:
-  return {"model_class": model_cls.__name__, "model_config": dataclasses.asdict(model_cfg),
-          "tokenizer": tokenizer.path, **heads}
-
-
-def forward_fn(graphdef, fn: Callable[[nnx.Module, dict], Any]):
-  """jit of `fn(model, batch)` in eval mode (no dropout rngs)."""
-  def run(params, batch):
-    return fn(nnx.merge(graphdef, params), batch)
-  return jax.jit(run)
+def forward_fn(ctx: EvalContext, fn: Callable[[nnx.Module, dict], Any]):
+  """jit of `fn(model, batch)` in eval mode (no dropout rngs), once per run and `fn`."""
+  def make():
+    def run(params, batch):
+      return fn(nnx.merge(ctx.graphdef, params), batch)
+    return jax.jit(run)
+  return ctx.jit(("forward", fn), make)
 
 
 # Host-only fields of eval batches (int64 ids): never sent to the devices.

@@ -15,7 +15,7 @@ import ml_collections
 def add_finetune_keys(c: ml_collections.ConfigDict, *, task: str, tiny: bool,
                       tasks: dict, eval_split: str, lr: float, steps: int, warmup: int,
                       batch_size: int) -> ml_collections.ConfigDict:
-  c.task = task
+  c.job = task
   # A pretraining workdir, a `vlp.export` directory or a `vlp.tools.import_uniter`
   # directory; empty = train from scratch.
   c.init_from = ""

@@ -25,12 +25,13 @@ import time
 import ml_collections
 import numpy as np
 
-from vlp.downstream import common
+from vlp.jobs import base, data_setup, eval_batches
+from vlp.jobs.pair_data import PairData
 from vlp.evaluators import retrieval as retrieval_eval
 from vlp.models.downstream import UniterForRetrieval
 from vlp.tasks import make_loss_fn
-from vlp.train import evaluation, pretrain_data
-from vlp.train.job import EvalContext, Job
+from vlp.train import evaluation
+from vlp.jobs.base import EvalContext, Feed, Job
 
 _TASK_KWARGS = {
     "retrieval_ft": ("num_hard_negatives", "margin", "num_anchors"),
@@ -38,9 +39,9 @@ _TASK_KWARGS = {
 }
 
 
-def make_retrieval_job(config: ml_collections.ConfigDict, rows: np.ndarray) -> Job:
-  data = pretrain_data.PretrainData(config, rows)
-  model_cfg = pretrain_data.model_config_for(config, data.tokenizer)
+def make_retrieval_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
+  data = PairData(config, feed)
+  model_cfg = data_setup.model_config_for(config, data.tokenizer)
   dual = int(config.dual_dim) or None
   names = [k for k, v in config.tasks.items() if float(v) > 0]
   loss_fns = {n: make_loss_fn(n, **{k: config[k] for k in _TASK_KWARGS.get(n, ())})
@@ -49,9 +50,9 @@ def make_retrieval_job(config: ml_collections.ConfigDict, rows: np.ndarray) -> J
       data=data, make_model=functools.partial(UniterForRetrieval, model_cfg, dual_dim=dual),
       loss_fns=loss_fns, batch_kinds={n: None for n in names},  # Plain matched pairs.
       evaluate=functools.partial(evaluate_retrieval, data=data),
-      init_params=common.init_params_fn(config, model_cfg, after=_rank_from_itm),
+      init_params=base.init_params_fn(config, model_cfg, after=_rank_from_itm),
       eval_file=f"eval_{config.eval_split}.json",
-      model_info=common.model_info(UniterForRetrieval, model_cfg, data.tokenizer,
+      model_info=base.model_info(UniterForRetrieval, model_cfg, data.tokenizer,
                                    dual_dim=dual))
 
 
@@ -71,9 +72,9 @@ def evaluate_retrieval(params, ctx: EvalContext, *, data) -> dict:
   gallery = data.gallery()
   out: dict = {"step": ctx.step, "num_images": int(gallery["img_feat"].shape[0]),
                "num_captions": int(gallery["input_ids"].shape[0])}
-  rows = common.eval_rows(ctx)
+  rows = eval_batches.eval_rows(ctx)
   score = functools.partial(
-      evaluation.score_pairs, common.forward_fn(ctx.graphdef, _rank), params, gallery,
+      evaluation.score_pairs, eval_batches.forward_fn(ctx, _rank), params, gallery,
       batch_size=rows.size, to_global=ctx.to_global, rows=rows.rows)
   t0 = time.perf_counter()
   matrix = score(*evaluation.all_pairs(gallery)).reshape(out["num_images"], -1)
@@ -87,9 +88,13 @@ def evaluate_retrieval(params, ctx: EvalContext, *, data) -> dict:
   return out
 
 
-def _vectors(params, ctx, rows: common.EvalRows, gallery, which: str) -> np.ndarray:
+_ENCODERS = {"image": lambda model, batch: model.encode_image(batch),
+             "text": lambda model, batch: model.encode_text(batch)}
+
+
+def _vectors(params, ctx, rows: eval_batches.EvalRows, gallery, which: str) -> np.ndarray:
   """Dual-encoder vectors of every gallery image or caption, one eval batch per call."""
-  fn = common.forward_fn(ctx.graphdef, lambda m, b: getattr(m, f"encode_{which}")(b))
+  fn = eval_batches.forward_fn(ctx, _ENCODERS[which])
   n = gallery["img_feat" if which == "image" else "input_ids"].shape[0]
   batch_size = rows.size
   out = []
@@ -99,11 +104,11 @@ def _vectors(params, ctx, rows: common.EvalRows, gallery, which: str) -> np.ndar
     batch, real = evaluation.pair_batch(gallery, idx if which == "image" else other,
                                         idx if which == "text" else other, batch_size)
     local = {k: v[rows.rows] for k, v in batch.items()}
-    out.append(np.asarray(common.run_forward(fn, params, local, ctx))[:real])
+    out.append(np.asarray(eval_batches.run_forward(fn, params, local, ctx))[:real])
   return np.concatenate(out)
 
 
-def _two_stage(params, ctx, rows: common.EvalRows, gallery, score_pairs) -> dict:
+def _two_stage(params, ctx, rows: eval_batches.EvalRows, gallery, score_pairs) -> dict:
   t0 = time.perf_counter()
   img_vecs = _vectors(params, ctx, rows, gallery, "image")
   txt_vecs = _vectors(params, ctx, rows, gallery, "text")

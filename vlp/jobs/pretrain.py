@@ -13,19 +13,19 @@ import time
 from typing import Any
 
 import ml_collections
-import numpy as np
 
-from vlp.parallel import global_batch, sharding as sharding_lib
+from vlp.jobs import data_setup, eval_batches
+from vlp.jobs.base import EvalContext, Feed, Job
+from vlp.jobs.pair_data import PairData
 from vlp.models.pretraining import UniterForPretraining
 from vlp.tasks import TASKS, make_loss_fn
-from vlp.train import evaluation, pretrain_data
-from vlp.train.job import EvalContext, Job
+from vlp.train import evaluation
 from vlp.train.task_mix import loss_weights, task_kwargs, weighted
 
 
-def make_pretrain_job(config: ml_collections.ConfigDict, rows: np.ndarray) -> Job:
-  data = pretrain_data.PretrainData(config, rows)
-  model_cfg = pretrain_data.model_config_for(config, data.tokenizer)
+def make_pretrain_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
+  data = PairData(config, feed)
+  model_cfg = data_setup.model_config_for(config, data.tokenizer)
   names = [k for k, v in config.tasks.items() if float(v) > 0]
   unknown = sorted(set(names) - set(TASKS))
   if unknown:
@@ -47,16 +47,15 @@ def evaluate_pretraining(params: Any, ctx: EvalContext, *, data) -> dict[str, An
   t0 = time.perf_counter()
   out: dict[str, Any] = {"step": ctx.step}
   for task, key in (("mlm", "mlm_acc"), ("itm", "itm_acc")):
-    fn = evaluation.jitted_eval_step(ctx.graphdef, ctx.loss_fns.get(task) or make_loss_fn(task))
+    loss_fn = ctx.loss_fns.get(task) or make_loss_fn(task)
+    fn = ctx.jit(("eval", task), lambda: evaluation.jit_eval_step(ctx.graphdef, loss_fn))
     m = evaluation.mean_metrics(fn, params, data.eval_batches(TASKS[task].batch_kind),
                                 ctx.to_global)
     out[key] = m.get(key)
     out[f"val_loss/{task}"] = m.get(f"loss/{task}")
-  # Pair batches must split evenly over the batch shards (and so the processes).
-  shards = sharding_lib.batch_shard_count(ctx.mesh, ctx.rules)
-  pairs_per_call = -(-ctx.config.eval_batch_size // shards) * shards
+  rows = eval_batches.eval_rows(ctx)
   out.update(evaluation.zero_shot_retrieval(
-      evaluation.jitted_score_step(ctx.graphdef), params, data.gallery(), pairs_per_call,
-      ctx.to_global, rows=global_batch.process_rows(ctx.mesh, ctx.rules, pairs_per_call)))
+      ctx.jit("score", lambda: evaluation.jit_score_step(ctx.graphdef)), params, data.gallery(),
+      rows.size, ctx.to_global, rows=rows.rows))
   out["eval_seconds"] = time.perf_counter() - t0
   return out

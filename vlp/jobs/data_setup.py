@@ -1,0 +1,79 @@
+"""What every job opens from its config: the dataset, its tokenizer, the model config."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
+
+import vlp.data.builders  # noqa: F401  (registers the real-dataset builders)
+from vlp.data import scenes
+from vlp.data.tokenizer import Tokenizer
+from vlp.models.uniter_config import UniterConfig, model_config
+
+
+def open_builder(config: ml_collections.ConfigDict):
+  """The prepared tfds builder for `config.data` (vlp_scenes is built on demand)."""
+  if config.data == "vlp_scenes":
+    if jax.process_index() == 0:
+      builder = scenes.prepare_scenes(config.data_dir, feature_dim=config.feature_dim,
+                                      size=config.data_size)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("vlp_scenes prepared")
+    if jax.process_index() != 0:
+      builder = scenes.prepare_scenes(config.data_dir, feature_dim=config.feature_dim,
+                                      size=config.data_size)
+    return builder
+  try:
+    builder = tfds.builder(config.data, data_dir=config.data_dir)
+  except Exception as e:  # tfds raises several types for unknown names.
+    raise ValueError(f"config.data={config.data!r}: no such dataset under "
+                     f"config.data_dir={config.data_dir!r} ({e})") from e
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"dataset {config.data!r} is not prepared under {config.data_dir!r}; "
+        f"run `python -m vlp.data.prepare --dataset={config.data} ...` first")
+  return builder
+
+
+def tokenizer_path(config: ml_collections.ConfigDict, builder) -> str:
+  """The sentencepiece model of a run: `config.tokenizer`, else the one stored with
+  the data (vlp_scenes, Karpathy builds), else the one the `config.init_from`
+  model was trained with (a pretrained directory's tokenizer file, or the
+  `model_info` of a training workdir's checkpoint). The real VQA / RefCOCO builds
+  store none."""
+  if config.tokenizer:
+    return config.tokenizer
+  if config.data == "vlp_scenes":
+    return scenes.tokenizer_path(builder)
+  stored = os.path.join(os.fspath(builder.data_dir), "spm.model")
+  if os.path.exists(stored):
+    return stored
+  init_from = config.get("init_from", "")
+  if init_from:
+    from vlp import pretrained  # Only when needed: it pulls in orbax.
+    from_init = pretrained.tokenizer_of(init_from)
+    if from_init:
+      return from_init
+  raise FileNotFoundError(
+      f"config.data={config.data!r} ({builder.data_dir}) stores no tokenizer (spm.model)"
+      + (f" and config.init_from={init_from!r} names none"
+         if init_from else " and config.init_from is empty")
+      + "; set config.tokenizer to the sentencepiece model the backbone was pretrained "
+      "with (e.g. the spm.model of the coco_karpathy build)")
+
+
+def open_tokenizer(config: ml_collections.ConfigDict, builder) -> Tokenizer:
+  return Tokenizer(tokenizer_path(config, builder))
+
+
+def model_config_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> UniterConfig:
+  """The model config: a named size, then `config.model` fields, then the data's
+  vocabulary, feature and class sizes and the compute dtype."""
+  fields = {k: v for k, v in config.model.items() if k != "size" and v is not None}
+  fields.update(vocab_size=tokenizer.vocab_size, img_dim=config.feature_dim,
+                num_region_classes=config.num_region_classes, dtype=config.compute_dtype)
+  return model_config(config.model.size, **fields)

@@ -1,0 +1,66 @@
+"""Image-caption pair data of one process: pretraining and retrieval fine-tuning.
+
+Hands out the train iterator of this process's data shards (`vlp.data.shards`),
+fixed validation batches per batch kind, and the retrieval gallery.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import ml_collections
+import numpy as np
+
+from vlp.data import pipeline, shards as shards_lib
+from vlp.data.batching import BatchSpec
+from vlp.jobs import data_setup
+from vlp.jobs.base import Feed
+
+
+class PairData:
+  """Train iterator, validation batches and retrieval gallery for one process.
+
+  `feed` says which rows of the global batch this process feeds and into how
+  many data shards the batch is cut; the rows decide which shards it builds.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, feed: Feed):
+    self.config = config
+    self.num_shards = feed.num_shards
+    self.shards = shards_lib.shards_for_rows(feed.rows, config.batch_size, self.num_shards)
+    self.builder = data_setup.open_builder(config)
+    self.tokenizer = data_setup.open_tokenizer(config, self.builder)
+    self.spec = BatchSpec.from_config(config, config.batch_size // self.num_shards)
+
+  def train_iterator(self, kind_for_index, start_index: int = 0):
+    its = [pipeline.make_train_iterator(
+        self.builder, self.spec, tokenizer=self.tokenizer, kind_for_index=kind_for_index,
+        seed=self.config.seed, process_index=shard, process_count=self.num_shards,
+        start_index=start_index, worker_count=self.config.data_workers)
+           for shard in self.shards]
+    return its[0] if len(its) == 1 else shards_lib.ShardedIterator(its)
+
+  @functools.lru_cache(maxsize=None)
+  def eval_batches(self, kind: str) -> list[dict]:
+    """The first `config.eval_batches` validation batches of `kind` (fixed masks).
+
+    Every shard has the same number of batches (short ones are padded with
+    `example_mask` False), so every process runs the same number of eval steps.
+    """
+    per_shard = []
+    for shard in self.shards:
+      ds = pipeline.make_eval_dataset(
+          self.builder, self.spec, tokenizer=self.tokenizer, split="val", unit="pairs",
+          kind=kind, seed=self.config.seed + 1, process_index=shard,
+          process_count=self.num_shards)
+      per_shard.append([ds[i] for i in range(min(len(ds), self.config.eval_batches))])
+    return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+            for parts in zip(*per_shard)]
+
+  @functools.lru_cache(maxsize=None)
+  def gallery(self) -> dict:
+    # Fine-tuning configs name the split; pretraining always uses "test".
+    return pipeline.load_retrieval_gallery(
+        self.builder, self.spec, tokenizer=self.tokenizer,
+        split=self.config.get("eval_split", "test"),
+        max_images=self.config.eval_gallery_images or None)
