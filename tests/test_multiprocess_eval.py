@@ -3,14 +3,15 @@
 A TPU slice lists its devices in torus order, so a host's rows of every global
 batch are scattered (tests/torus_driver.py replays such an order on CPU). Here the
 8 devices are ordered so that process 0 holds batch pieces 0, 1, 5, 6 and process
-1 pieces 2, 3, 4, 7. Each fine-tuning job trains 2 steps from `init_from` and
-evaluates; 2 processes x 4 devices must give what 1 process x 8 devices (same
-order) gives:
+1 pieces 2, 3, 4, 7. Pretraining trains 2 steps from scratch, each fine-tuning
+job 2 steps from `init_from`, and each evaluates; 2 processes x 4 devices must
+give what 1 process x 8 devices (same order) gives:
 * the training losses (so `init_from` restored the same weights into the sharded
   state on both processes: retrieval and grounding from a pretraining workdir,
   VQA from an exported directory; and the default `data_shards=0` found the 8
   shards that the 1-process run is given);
-* retrieval R@K, VQA accuracy and its per-question results file, grounding
+* pretraining's held-out MLM / ITM accuracy and zero-shot R@K; retrieval R@K,
+  VQA accuracy and its per-question results file, grounding
   accuracy and its per-expression predictions. A prediction matched to another
   row's label changes the per-example files even where the means agree.
 """
@@ -38,6 +39,9 @@ SMALL = {"data_size": "small", "max_text_len": 20, "model.hidden_size": 32,
          "model.num_layers": 1, "model.num_heads": 2, "model.intermediate_size": 64,
          "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}
 JOBS = {  # name: (config, init_from source, extra overrides)
+    "pretrain": ("configs/uniter_base.py:tiny", None,
+                 {"eval_batches": 2, "eval_gallery_images": 24, "eval_batch_size": 240,
+                  "tasks": {"mlm": 1, "mrfr": 1, "mrc": 0, "mrckl": 0, "itm": 1}}),
     "retrieval": ("configs/finetune_retrieval.py:size=tiny,data=vlp_scenes", "workdir",
                   {"eval_gallery_images": 24, "eval_batch_size": 240}),
     "vqa": ("configs/finetune_vqa.py:size=tiny,data=vlp_scenes", "export",
@@ -66,10 +70,11 @@ def sources(tmp_path_factory):
 def _spec(sources, root, data_shards) -> str:
   runs = []
   for name, (config, source, extra) in JOBS.items():
-    overrides = dict(SMALL, data_dir=sources["data_dir"], init_from=sources[source],
-                     batch_size=16, data_shards=data_shards, total_steps=2, eval_every=2,
+    overrides = dict(SMALL, data_dir=sources["data_dir"], batch_size=16, data_shards=data_shards, total_steps=2, eval_every=2,
                      checkpoint_every=2, log_every=1,
                      mesh={"data": 8, "fsdp": 1, "tensor": 1}, **extra)
+    if source:
+      overrides["init_from"] = sources[source]
     runs.append({"config": config, "workdir": os.path.join(root, name),
                  "overrides": overrides})
   path = os.path.join(root, "spec.json")
@@ -99,8 +104,9 @@ def _run(cmd, env, root):
 def _results(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [r[f"loss/{r['task']}"] for r in map(json.loads, f)]
-  with open(os.path.join(workdir, "eval_val.json" if "retrieval" not in workdir
-                         else "eval_test.json")) as f:
+  name = {"retrieval": "eval_test.json", "pretrain": "eval.json"}.get(
+      os.path.basename(workdir), "eval_val.json")
+  with open(os.path.join(workdir, name)) as f:
     ev = json.load(f)
   out = {"losses": losses, "eval": ev}
   for name in ("vqa_results_val.json", "grounding_predictions.json"):
@@ -136,6 +142,13 @@ def test_losses_after_init_from_match_one_process(one_process, two_processes):
     one, two = one_process[0][name]["losses"], two_processes[0][name]["losses"]
     assert len(one) == 2
     np.testing.assert_allclose(two, one, rtol=1e-4, err_msg=name)
+
+
+def test_pretraining_evaluation_matches_one_process(one_process, two_processes):
+  one, two = one_process[0]["pretrain"]["eval"], two_processes[0]["pretrain"]["eval"]
+  keys = ["mlm_acc", "itm_acc", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum"]
+  assert all(one[k] is not None for k in keys), one
+  np.testing.assert_allclose([two[k] for k in keys], [one[k] for k in keys], atol=1e-6)
 
 
 def test_retrieval_recall_matches_one_process(one_process, two_processes):
