@@ -5,6 +5,8 @@ VENV ?= .venv
 WORKDIR ?= workdir/demo
 DATA_DIR ?= $(WORKDIR)/data
 PY := $(VENV)/bin/python
+# cpu | cuda | tpu: which JAX backend `make install` adds (requirements-<platform>.txt).
+PLATFORM ?= cpu
 
 .PHONY: demo two-stage test install clean
 
@@ -19,7 +21,15 @@ $(VENV)/.installed-torch: $(VENV)/.installed requirements-torch.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-torch.txt
 	touch $@
 
-install: $(VENV)/.installed
+# CUDA / TPU: the same pins plus JAX's plugin for that platform.
+$(VENV)/.installed-cuda $(VENV)/.installed-tpu: $(VENV)/.installed-%: $(VENV)/.installed requirements-%.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-$*.txt
+	touch $@
+
+$(VENV)/.installed-cpu: $(VENV)/.installed
+	touch $@
+
+install: $(VENV)/.installed-$(PLATFORM)
 
 FT = --config.data_dir=$(DATA_DIR) --config.init_from=$(WORKDIR)
 
