@@ -75,8 +75,11 @@ def test_mesh_errors_name_sizes_and_subsets_work():
   m = mesh_lib.make_mesh({"dcn": 1, "data": -1, "fsdp": 2, "tensor": 1}, jax.devices()[:4])
   assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 1}  # A size-1 dcn is left out.
   assert all(t == jax.sharding.AxisType.Auto for t in m.axis_types)
-  m = mesh_lib.make_mesh({"dcn": 2, "data": -1, "fsdp": 2, "tensor": 1})
-  assert dict(m.shape) == {"dcn": 2, "data": 2, "fsdp": 2, "tensor": 1}
+  # One process is one granule: a dcn axis of 2 has nothing to span, and is refused
+  # rather than laid over the devices in a flat order.
+  with pytest.raises(ValueError, match="dcn axis of size 2 must span 2 processes"):
+    mesh_lib.make_mesh({"dcn": 2, "data": -1, "fsdp": 2, "tensor": 1})
+  m = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   assert list(m.devices.ravel()) == jax.devices()  # One canonical order.
 
 
@@ -333,3 +336,23 @@ def test_checkpoint_restores_on_other_meshes(data_dir, tmp_path, monkeypatch, on
     assert sorted(got) == [4, 5, 6], n
     np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [ref[s] for s in (4, 5, 6)],
                                rtol=RTOL, err_msg=f"{n} devices")
+
+
+def test_an_axis_that_cannot_divide_is_named(caplog):
+  # A 1001-word vocabulary over a tensor axis of 4: left unsplit, with the parameter
+  # named in a warning, or refused in strict mode.
+  from vlp.models.pretraining import UniterForPretraining
+  from vlp.models.uniter_config import model_config
+  from vlp.train.state import split_abstract
+  cfg = model_config("tiny", vocab_size=1001, img_dim=64, num_region_classes=8)
+  _, abstract = split_abstract(functools.partial(UniterForPretraining, cfg))
+  m = _mesh(1, 2, 4)
+  rules = sharding_lib.rules_for("fsdp_tp", m)
+  with caplog.at_level("WARNING"):
+    out = sharding_lib.param_shardings(abstract, m, rules)
+  emb = out["uniter"]["embeddings"]["word_embeddings"]["embedding"]
+  assert emb.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert "uniter/embeddings/word_embeddings/embedding (1001, 128): dim 0 (vocab)" in caplog.text
+  assert "region_classifier" not in caplog.text  # 8 classes divide by 4.
+  with pytest.raises(ValueError, match=r"leaves 2 parameter dimension.*\n  cls/bias"):
+    sharding_lib.param_shardings(abstract, m, rules, strict=True)

@@ -5,7 +5,8 @@ one axis may be -1 ("all remaining devices"). Axes are built with explicit
 `AxisType.Auto` (the compiler propagates shardings from in/out_shardings and
 logical constraints) over one canonical device order, so data, parameters and
 evaluators all agree on which device holds what. An optional outer ``dcn`` axis
-spans TPU slices (multislice) or GPU hosts; it is left out when its size is 1.
+spans TPU slices (multislice) or GPU hosts; it is left out when its size is 1, and
+one that cannot be laid over the slices or processes is an error.
 """
 
 from __future__ import annotations
@@ -66,11 +67,17 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     ici_shape = tuple(1 if n == "dcn" else s for n, s in zip(names, shape))
     dcn_shape = tuple(dcn if n == "dcn" else 1 for n in names)
     by_process = getattr(devices[0], "slice_index", None) is None
+    granules = len({d.process_index if by_process else d.slice_index for d in devices})
     try:
       grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
                                                   process_is_granule=by_process)
-    except (ValueError, NotImplementedError, AssertionError):
-      grid = None  # E.g. one process pretending to be several slices in tests.
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      # A flat order would put the fast axes across the slow links: refuse it.
+      raise ValueError(
+          f"config.mesh {sizes}: the dcn axis of size {dcn} must span {dcn} "
+          f"{'processes' if by_process else 'TPU slices'} with equal devices, but the "
+          f"{len(devices)} devices are in {granules} ({e}); set config.mesh.dcn to the "
+          f"number of {'processes' if by_process else 'slices'} or to 1") from e
   if grid is None:
     try:
       grid = mesh_utils.create_device_mesh(shape, devices)

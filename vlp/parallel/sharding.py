@@ -20,6 +20,7 @@ ones (the first rule for a name wins). For example:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -95,35 +96,53 @@ def rules_for(sharding: str | Sequence | Mapping, mesh: Mesh) -> list[tuple[str,
   return [tuple(r) for r in rules]
 
 
-def param_shardings(abstract_state: Any, mesh: Mesh, rules) -> dict:
+def param_shardings(abstract_state: Any, mesh: Mesh, rules, *, strict: bool = False) -> dict:
   """NamedShardings for an nnx.State's leaves, as a pure nested dict.
 
   The logical names come from each Variable's ``out_sharding`` metadata; the
-  result mirrors ``abstract_state.to_pure_dict()``.
+  result mirrors ``abstract_state.to_pure_dict()``. A mesh axis that does not
+  divide the dimension it is mapped to is dropped there, with a warning naming
+  the parameter (e.g. a vocabulary of 28996 over a tensor axis of 8); with
+  `strict` (`config.strict_sharding`) it is an error listing every such case.
   """
   out: dict = {}
+  dropped: list[str] = []
   for path, var in nnx.to_flat_state(abstract_state):
     names = var.get_metadata().get("out_sharding")
     spec = logical.logical_to_spec(names, rules, mesh) if names else P()
-    spec = _fit_spec(spec, var.get_value().shape, mesh)
+    shape = var.get_value().shape
+    spec, lost = _fit_spec(spec, shape, mesh)
+    dropped += [f"{'/'.join(map(str, path))} {tuple(shape)}: dim {i} ({names[i]}) is not "
+                f"divisible by mesh axes {axes} of size {size}" for i, axes, size in lost]
     node = out
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = NamedSharding(mesh, spec)
+  if dropped:
+    msg = (f"config.sharding leaves {len(dropped)} parameter dimension(s) unsplit on mesh "
+           f"{dict(mesh.shape)}:\n  " + "\n  ".join(dropped))
+    if strict:
+      raise ValueError(msg + "\n(config.strict_sharding=True; change the mesh, the rules "
+                       "or the model size, or turn strict_sharding off)")
+    logging.warning(msg)
   return out
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Drops axes that do not divide a dimension (e.g. a vocab of 1000 over 3)."""
-  out = []
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> tuple[P, list]:
+  """Drops axes that do not divide a dimension; returns (spec, [(dim, axes, size)])."""
+  out, lost = [], []
   for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
     if axes is None or i >= len(shape):
       out.append(None)
       continue
     axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
     size = int(np.prod([mesh.shape[a] for a in axes_t]))
-    out.append(axes if shape[i] % size == 0 else None)
-  return P(*out[:len(shape)])
+    if shape[i] % size == 0:
+      out.append(axes)
+    else:
+      out.append(None)
+      lost.append((i, axes, size))
+  return P(*out[:len(shape)]), lost
 
 
 def batch_spec(mesh: Mesh, rules, ndim: int) -> P:
