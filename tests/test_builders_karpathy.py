@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 import vlp.data.builders  # noqa: F401  (registers the builders)
 from vlp.data import batching, pipeline, prepare
+from vlp.data.image_records import ImageRecords
 from vlp.data.features import BadInput
 from vlp.data.tokenizer import Tokenizer
 
@@ -112,8 +113,8 @@ def test_test_folds_are_slices_of_test(coco):
 
 def test_image_split_and_gallery_read_unchanged(coco):
   builder, _, truth, _ = coco
-  split = batching.ImageSplit(builder, 'test', D)
-  assert split._layout is not None  # the raw-bytes fast path applies
+  split = ImageRecords(builder, 'test', D)
+  assert split.layout is not None  # the raw-bytes fast path applies
   tok = Tokenizer(os.path.join(builder.data_dir, 'spm.model'))
   spec = batching.BatchSpec(batch_size=4, max_text_len=24, max_regions=12, feature_dim=D)
   gallery = pipeline.load_retrieval_gallery(builder, spec, tokenizer=tok, split='test')

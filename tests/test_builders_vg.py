@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from vlp.data import batching, prepare
+from vlp.data import prepare
+from vlp.data.image_records import ImageRecords
 
 D = 8
 
@@ -74,5 +75,5 @@ def test_vg_captions(tmp_path):
                                'image with fewer than 5 distinct descriptions': 3,
                                'image skipped (bad input or no features)': 10}
   assert dict(report.bad_input) == {'missing_features': 1}
-  split = batching.ImageSplit(builder, 'train', D)
+  split = ImageRecords(builder, 'train', D)
   assert [r['image_id'] for r in split.read(np.array([1, 0]))] == [1, 1]

@@ -6,7 +6,8 @@ import types
 import numpy as np
 import pytest
 
-from vlp.data import batching, pipeline, scenes
+from vlp.data import pipeline, records, scenes
+from vlp.data.image_records import ImageRecords
 from vlp.data.tokenizer import Tokenizer
 
 KINDS = ('mlm', 'mrm', 'itm')
@@ -127,21 +128,40 @@ def test_grain_workers_give_the_same_stream(data):
 
 def test_eval_padding_and_equal_batch_counts(data):
   builder, tok = data
+  source = builder.as_data_source('val')
+  val_ids = np.array([source[i]['image_id'] for i in range(len(source))])
   total, lengths = 0, set()
   for process in range(3):
     ds = pipeline.make_eval_dataset(builder, SPEC, tokenizer=tok, split='val',
-                                    process_index=process, process_count=3)
+                                    shards=[process], num_shards=3)
     batches = list(ds)
     lengths.add(len(batches))
     assert len(batches) == len(ds) == 5  # 14 images x 5 captions / 16, rounded up
     mask = np.concatenate([b['example_mask'] for b in batches])
     total += int(mask.sum())
     assert mask[:ds.num_examples].all() and not mask[ds.num_examples:].any()
+    # Shard p holds the pairs of images [40p/3, 40(p+1)/3): example_index = 5 image + slot.
+    lo, hi = 40 * process // 3, 40 * (process + 1) // 3
+    example = np.concatenate([b['example_index'] for b in batches])
+    np.testing.assert_array_equal(example[mask], np.arange(5 * lo, 5 * hi))
+    assert (example[~mask] == -1).all()
+    for b in batches:
+      rows = b['example_mask']
+      np.testing.assert_array_equal(b['image_id'][rows], val_ids[b['example_index'][rows] // 5])
     last = batches[-1]
     pad = ~last['example_mask']
     assert not last['txt_mask'][pad].any() and not last['img_mask'][pad].any()
     assert np.all(last['img_feat'][pad] == 0) and np.all(last['image_id'][pad] == 0)
   assert total == 40 * 5 and lengths == {5}
+  # Shards 2 and 0 of 3 in one dataset: each batch is shard 2's rows, then shard 0's,
+  # each masked as the one-shard datasets mask them.
+  two = pipeline.make_eval_dataset(builder, SPEC, tokenizer=tok, split='val', kind='mlm',
+                                   shards=[2, 0], num_shards=3)
+  for s, part in ((2, slice(0, 16)), (0, slice(16, 32))):
+    one = pipeline.make_eval_dataset(builder, SPEC, tokenizer=tok, split='val', kind='mlm',
+                                     shards=[s], num_shards=3)
+    for key, value in one[3].items():
+      np.testing.assert_array_equal(two[3][key][part], value, err_msg=key)
   # Images as units, task batches deterministic across passes.
   ds = pipeline.make_eval_dataset(builder, SPEC, tokenizer=tok, split='test',
                                   unit='images', kind='mlm')
@@ -186,8 +206,8 @@ def test_truncation_and_soft_label_padding(data):
 def test_clear_errors(data):
   builder, tok = data
   spec = pipeline.BatchSpec(batch_size=4, max_text_len=20, max_regions=8, feature_dim=2048)
-  with pytest.raises(ValueError, match="split 'train' of vlp_scenes has features of dim "
-                                       '64, config expects 2048'):
+  with pytest.raises(ValueError, match="split 'train' of vlp_scenes has region features of "
+                                       'dim 64, config expects feature_dim=2048'):
     _train(data, spec=spec)
   with pytest.raises(ValueError, match="no split 'dev'"):
     _train(data, split='dev')
@@ -209,8 +229,8 @@ def test_clear_errors(data):
 
 def test_fast_record_parsing_matches_tfds_decoding(data, monkeypatch):
   builder, _ = data
-  split = batching.ImageSplit(builder, 'val', 64)
-  assert split._layout is not None  # vlp_scenes stores arrays as raw bytes
+  split = ImageRecords(builder, 'val', 64)
+  assert split.fast  # vlp_scenes stores arrays as raw bytes
   reference = builder.as_data_source('val')
   for i, rec in zip([3, 0, 3, 39], split.read(np.array([3, 0, 3, 39]))):
     ref = reference[i]
@@ -219,5 +239,6 @@ def test_fast_record_parsing_matches_tfds_decoding(data, monkeypatch):
       assert rec[key].dtype == ref[key].dtype
       np.testing.assert_array_equal(rec[key], ref[key])
   fast = next(_train(data))
-  monkeypatch.setattr(batching, '_raw_layout', lambda feats: None)  # generic decode
+  monkeypatch.setattr(records, 'tf_example_pb2', None)  # tfds' generic decoding
+  assert not ImageRecords(builder, 'val', 64).fast
   _assert_same(fast, next(_train(data)))

@@ -29,8 +29,10 @@ import numpy as np
 import pytest
 
 from vlp import checkpoint as ckpt_lib, pretrained
-from vlp.data import downstream_records as dr
-from vlp.data import prepare
+from vlp.data import downstream as dr
+from vlp.data import examples, prepare
+from vlp.data import records as record_reader
+from vlp.data.image_records import ImageRecords
 from vlp.data.batching import BatchSpec
 from vlp.data.builders import vlp_scenes, vqa_v2
 from vlp.data.tokenizer import Tokenizer
@@ -216,17 +218,20 @@ def test_refcoco_batches_and_region_setting(built, kind):
 def test_generic_decoding_reads_the_same(built, task, monkeypatch):
   builder = built['vqa'] if task == 'vqa' else built['refs']['det']
   split = 'val'
-  fast = dr.ExampleIndex(builder, split, 0, 3, task=task, max_regions=5, num_images=8,
-                         num_answers=5)
-  fast_images = dr.RegionImages(builder, D)
-  assert fast_images._layout is not None
+  def index():
+    return examples.index_example_records(builder, split, 0, 3, task=task, max_regions=5,
+                                          num_images=8, num_answers=5)
+
+  def images():
+    return ImageRecords(builder, 'images', D, captions=False, boxes=True)
+
+  fast, fast_images = index(), images()
+  assert fast_images.fast
   fast_records = fast_images.read([0, 2])
-  monkeypatch.setattr(dr.batching, 'tf_example_pb2', None)  # tfds' own decoder instead
-  slow = dr.ExampleIndex(builder, split, 0, 3, task=task, max_regions=5, num_images=8,
-                         num_answers=5)
-  slow_images = dr.RegionImages(builder, D)
-  assert slow_images._layout is None and len(fast) == len(slow) == 3
-  for name in dr.ExampleIndex._ATTRS:
+  monkeypatch.setattr(record_reader, 'tf_example_pb2', None)  # tfds' own decoder instead
+  slow, slow_images = index(), images()
+  assert not slow_images.fast and len(fast) == len(slow) == 3
+  for name in examples.ExampleIndex.ATTRS:
     a, b = getattr(fast, name), getattr(slow, name)
     if isinstance(a, list) and a and isinstance(a[0], np.ndarray):
       assert all(np.array_equal(x, y) for x, y in zip(a, b)), name

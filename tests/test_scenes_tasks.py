@@ -15,9 +15,11 @@ import re
 import numpy as np
 import pytest
 
-from vlp.data import batching
-from vlp.data import downstream_batches as db
-from vlp.data import scenes, scenes_tasks, scenes_world
+from vlp.data import downstream as db
+from vlp.data import examples, scenes, scenes_tasks, scenes_world
+from vlp.data import records as record_reader
+from vlp.data.image_records import ImageRecords
+from vlp.data.vqa_targets import SoftTargets, soft_targets
 from vlp.data.builders import vlp_scenes
 from vlp.data.pipeline import BatchSpec
 from vlp.data.tokenizer import Tokenizer
@@ -219,14 +221,14 @@ def test_soft_scores_by_hand():
   vocab = list(scenes_tasks.ANSWER_VOCAB)
   label_of = {a: i for i, a in enumerate(vocab)}
   answers = ['2', 'two', '2', '3', 'Three', '2', '1', '2', '2', 'two']
-  labels, scores = db.soft_targets(answers, label_of)
+  labels, scores = soft_targets(answers, label_of)
   got = dict(zip((vocab[i] for i in labels), scores.tolist()))
   assert got == pytest.approx({'2': 1.0, '3': 2 / 3, '1': 1 / 3})
-  labels, scores = db.soft_targets(answers, label_of, 'official')
+  labels, scores = soft_targets(answers, label_of, 'official')
   got = dict(zip((vocab[i] for i in labels), scores.tolist()))
   assert got == pytest.approx({'2': 1.0, '3': 0.6, '1': 0.3})
   with pytest.raises(ValueError, match='consensus'):
-    db.soft_targets(answers, label_of, 'majority')
+    soft_targets(answers, label_of, 'majority')
 
 
 def test_tasks_deterministic_and_captions_unchanged():
@@ -384,9 +386,9 @@ def test_train_batches(built, task):
   # One epoch visits every example of the process's images exactly once.
   shard = db.make_task_train_iterator(builder, SPEC, task=task, tokenizer=tok, seed=5,
                                       process_index=1, process_count=2)
-  n = len(shard._fn.batcher.index)
+  n = len(shard.examples)
   seen = [x for _ in range(-(-n // b)) for x in next(shard)[key]]
-  assert sorted(seen[:n]) == sorted(shard._fn.batcher.index.ids.tolist())
+  assert sorted(seen[:n]) == sorted(shard.examples.ids.tolist())
   assert all(100 <= i // 10 < 200 for i in seen[:n])  # its images: train 100..199
 
 
@@ -445,19 +447,28 @@ def test_batch_errors(built):
 def test_generic_decoding_indexes_the_same_examples(built, task, monkeypatch):
   builder, _ = built
   label_of = {a: i for i, a in enumerate(scenes_tasks.ANSWER_VOCAB)}
-  fast_split = db.TaskSplit(builder, 'val', 64, task)
-  assert fast_split._layout is not None and 'boxes' in fast_split._layout
-  fast = db.TaskIndex(fast_split, 5, 30, max_regions=10, label_of=label_of)
+  targets = SoftTargets(label_of, 'consensus') if task == 'vqa' else None
+  fast_split = ImageRecords(builder, 'val', 64, captions=False, boxes=True)
+  assert fast_split.fast and 'boxes' in fast_split.layout
+  fast = examples.index_scene_examples(fast_split, task, 5, 30, max_regions=10,
+                                       targets=targets)
   fast_boxes = fast_split.read([3])[0]['boxes']
-  monkeypatch.setattr(batching, 'tf_example_pb2', None)  # tfds' own decoder instead
-  slow_split = db.TaskSplit(builder, 'val', 64, task)
-  assert slow_split._layout is None
-  slow = db.TaskIndex(slow_split, 5, 30, max_regions=10, label_of=label_of)
+  monkeypatch.setattr(record_reader, 'tf_example_pb2', None)  # tfds' own decoder instead
+  slow_split = ImageRecords(builder, 'val', 64, captions=False, boxes=True)
+  assert not slow_split.fast
+  slow = examples.index_scene_examples(slow_split, task, 5, 30, max_regions=10,
+                                       targets=targets)
   assert len(fast) > 25 and fast.texts == slow.texts
-  for key in ('rows', 'ids', 'target_region', 'gt_box'):
-    np.testing.assert_array_equal(getattr(fast, key), getattr(slow, key), err_msg=key)
-  for a, b in zip(fast.labels + fast.scores, slow.labels + slow.scores):
-    np.testing.assert_array_equal(a, b)
+  for name in examples.ExampleIndex.ATTRS:
+    a, b = getattr(fast, name), getattr(slow, name)
+    assert len(a) == len(b) == (len(fast) if len(a) else 0), name
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x, y, err_msg=name)
+  if task == 'vqa':  # the raw answers of a question, as stored
+    rec = builder.as_data_source('val')[int(fast.rows[0])]['questions']
+    slot = list(rec['question_id']).index(fast.ids[0])
+    assert fast.answers[0] == [a.decode() for a in rec['answers'][slot]]
+    assert fast.question_type[0] == rec['question_type'][slot].decode()
   np.testing.assert_array_equal(fast_boxes, slow_split.read([3])[0]['boxes'])
 
 

@@ -1,9 +1,10 @@
-"""Padded batches from image-level records: the pieces every vlp pipeline shares.
+"""Padded batches: the pieces every vlp input pipeline shares.
 
-`BatchSpec` fixes the static geometry; `ImageSplit` validates and reads a tfds split
-through `as_data_source`; `BatchBuilder` tokenises one caption per example and pads
-text and regions into the common keys of docs/design.md; `apply_kind` turns a plain
-batch into an MLM, MRM or ITM batch.
+`BatchSpec` fixes the static geometry; `Batcher` turns example positions of an
+index (vlp.data.examples) into a padded batch with the keys of docs/design.md
+(text, regions, and the targets and ids of VQA / RE examples); `apply_kind` turns
+a plain pair batch into an MLM, MRM or ITM batch. The RNGs of shuffling and
+masking are pure functions of (seed, position) so batches can be rebuilt anywhere.
 """
 
 from __future__ import annotations
@@ -12,20 +13,12 @@ import dataclasses
 import math
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from vlp.data import masking
+from vlp.data.image_records import ImageRecords
 from vlp.data.tokenizer import Tokenizer
 
-try:  # the proto module tfds' own numpy example parser uses
-  from tensorflow_datasets.proto import tf_example_pb2
-except ImportError:  # pragma: no cover - other tfds layouts: generic decode
-  tf_example_pb2 = None
-
-NUM_CAPTIONS = 5
-REQUIRED_FIELDS = ('image_id', 'features', 'img_pos', 'captions')
-_ARRAY_FIELDS = ('features', 'img_pos', 'soft_labels')
-_MASK_TAG, _SHUFFLE_TAG = 0x6D61736B, 0x73687566  # separate RNG streams
+_MASK_TAG = 0x6D61736B  # a stream of its own, apart from the shuffles (examples.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,108 +82,36 @@ def _default_cap(n: int, p: float) -> int:
   return int(min(n, max(1, math.ceil(mean + 3.3 * sd + 1))))
 
 
-def shard_range(num_images: int, process_index: int, process_count: int):
-  """Contiguous image slice [lo, hi) of one process (sizes differ by at most 1)."""
+def shard_range(num: int, process_index: int, process_count: int):
+  """Contiguous slice [lo, hi) of `num` images or examples that data shard
+  `process_index` of `process_count` takes (sizes differ by at most 1)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-  return (num_images * process_index // process_count,
-          num_images * (process_index + 1) // process_count)
+  return (num * process_index // process_count, num * (process_index + 1) // process_count)
 
 
-class ImageSplit:
-  """A validated tfds split of image-level records, read through `as_data_source`."""
+class Batcher:
+  """Example positions of an index -> one padded batch of `spec.batch_size` rows.
 
-  def __init__(self, builder, split: str, feature_dim: int):
-    self.name, self.split = builder.info.name, split
-    splits = builder.info.splits
-    if split not in splits:
-      raise ValueError(f'{self.name} at {builder.data_dir} has no split {split!r}; '
-                       f'it has {sorted(splits)}')
-    feats = builder.info.features
-    missing = [k for k in REQUIRED_FIELDS if k not in feats]
-    if missing:
-      raise KeyError(f'split {split!r} of {self.name} ({builder.data_dir}) lacks fields '
-                     f'{missing}; records have {sorted(feats)}')
-    dim = feats['features'].shape[-1]
-    if dim != feature_dim:
-      raise ValueError(f'split {split!r} of {self.name} has features of dim {dim}, '
-                       f'config expects {feature_dim}')
-    captions = getattr(feats['captions'], 'shape', (None,))
-    if tuple(captions) != (NUM_CAPTIONS,):
-      raise ValueError(f'split {split!r} of {self.name} stores captions of shape '
-                       f'{captions}; pairs need exactly {NUM_CAPTIONS} per image')
-    self.num_classes = (feats['soft_labels'].shape[-1] if 'soft_labels' in feats else 0)
-    self.feature_dim = dim
-    self._layout = _raw_layout(feats)
-    if self._layout is None:
-      self.source = builder.as_data_source(split)
-    else:
-      self.source = builder.as_data_source(
-          split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-    if len(self.source) == 0:
-      raise ValueError(f'split {split!r} of {self.name} ({builder.data_dir}) is empty')
-
-  def __len__(self):
-    return len(self.source)
-
-  def read(self, indices: np.ndarray) -> list[dict]:
-    """Records at `indices` (one batched read; repeated indices read once).
-
-    On the fast path a record holds only the fields batches use (image_id,
-    captions, features, img_pos, soft_labels).
-    """
-    unique, inverse = np.unique(np.asarray(indices, np.int64), return_inverse=True)
-    records = self.source.__getitems__([int(i) for i in unique])
-    if self._layout is not None:
-      records = [self._parse(r) for r in records]
-    return [records[j] for j in inverse]
-
-  def _parse(self, raw: bytes) -> dict:
-    feature = tf_example_pb2.Example.FromString(raw).features.feature
-    out = {'image_id': int(feature['image_id'].int64_list.value[0]),
-           'captions': list(feature['captions'].bytes_list.value)}
-    for name, (dtype, tail) in self._layout.items():
-      out[name] = np.frombuffer(feature[name].bytes_list.value[0], dtype).reshape(
-          (-1,) + tail)
-    return out
-
-
-def _raw_layout(feats) -> dict | None:
-  """{field: (dtype, tail shape)} if records can skip tfds' generic decoding.
-
-  tfds decodes every field of a record in Python (~0.8 ms for a 2048-d record);
-  fields stored as raw bytes (`Encoding.BYTES`) are parsed here with one proto
-  parse and `np.frombuffer` instead (~0.03 ms). Anything else uses tfds' decoder.
+  `index` (vlp.data.examples) says which image record and text each example has
+  (`image_rows`, `texts_of`) and, by its `task`, which targets a row carries:
+  'pairs' none (the kinds of `apply_kind` add theirs), 'vqa' `vqa_targets` over
+  `num_answers` labels and `question_id`, 're' `img_boxes`, `target_region`,
+  `gt_box` and `ref_id`. Rows past the examples are padding: `example_mask`
+  False, all zero, ids -1.
   """
-  image_id = feats['image_id']
-  if (tf_example_pb2 is None or not isinstance(image_id, tfds.features.Tensor)
-      or image_id.shape != () or not np.issubdtype(image_id.np_dtype, np.integer)):
-    return None
-  layout = {}
-  for name in _ARRAY_FIELDS:
-    if name not in feats:
-      continue
-    feat = feats[name]
-    if (not isinstance(feat, tfds.features.Tensor)
-        or getattr(feat, '_encoding', None) != tfds.features.Encoding.BYTES
-        or feat.shape[0] is not None or None in feat.shape[1:]):
-      return None
-    layout[name] = (np.dtype(feat.np_dtype), tuple(feat.shape[1:]))
-  return layout
 
-
-class BatchBuilder:
-  """Turns (records, caption slots) into a padded batch with the common keys."""
-
-  def __init__(self, split: ImageSplit, spec: BatchSpec, tokenizer: Tokenizer):
+  def __init__(self, images: ImageRecords, spec: BatchSpec, tokenizer: Tokenizer, index,
+               num_answers: int = 0):
     num_classes = spec.num_region_classes
     if num_classes is None:
-      num_classes = split.num_classes
-    if num_classes < split.num_classes:
-      raise ValueError(f'split {split.split!r} of {split.name} has {split.num_classes} '
+      num_classes = images.num_classes
+    if num_classes < images.num_classes:
+      raise ValueError(f'split {images.split!r} of {images.name} has {images.num_classes} '
                        f'region classes, config asks for {num_classes}')
-    self.split, self.spec, self.tok, self.num_classes = split, spec, tokenizer, num_classes
-    self.ids = masking.TokenIds.from_tokenizer(tokenizer)
+    self.images, self.spec, self.tok, self.num_classes = images, spec, tokenizer, num_classes
+    self.index, self.num_answers = index, num_answers
+    self.token_ids = masking.TokenIds.from_tokenizer(tokenizer)
 
   def text(self, texts, rows: int, stats: dict) -> dict:
     """`[CLS] pieces [SEP]` then padding, for `rows` rows (texts fill the first ones)."""
@@ -203,16 +124,16 @@ class BatchBuilder:
     for i, p in enumerate(pieces):
       input_ids[i, 1:lengths[i] + 1] = p[:t - 2]
     n = len(pieces)
-    input_ids[:n, 0] = self.ids.cls_id
-    input_ids[np.arange(n), lengths + 1] = self.ids.sep_id
+    input_ids[:n, 0] = self.token_ids.cls_id
+    input_ids[np.arange(n), lengths + 1] = self.token_ids.sep_id
     txt_mask = np.zeros((rows, t), bool)
     txt_mask[:n] = np.arange(t)[None, :] < (lengths + 2)[:, None]
     return {'input_ids': input_ids, 'txt_mask': txt_mask}
 
-  def images(self, records, rows: int) -> dict:
+  def regions(self, records, rows: int) -> dict:
     """Image fields padded to K regions, for `rows` rows (records fill the first ones)."""
-    spec, split = self.spec, self.split
-    k, c_stored = spec.max_regions, split.num_classes
+    spec, images = self.spec, self.images
+    k, c_stored = spec.max_regions, images.num_classes
     out = {
         'img_feat': np.zeros((rows, k, spec.feature_dim), np.float16),
         'img_pos': np.zeros((rows, k, 7), np.float32),
@@ -223,7 +144,7 @@ class BatchBuilder:
     for i, r in enumerate(records):
       feats = r['features']
       if feats.ndim != 2 or feats.shape[1] != spec.feature_dim:
-        raise ValueError(f'split {split.split!r} of {split.name}: record of image '
+        raise ValueError(f'split {images.split!r} of {images.name}: record of image '
                          f'{r["image_id"]} has features of shape {feats.shape}, config '
                          f'expects [N, {spec.feature_dim}]')
       m = min(len(feats), k)  # stored most-confident first
@@ -235,16 +156,43 @@ class BatchBuilder:
       out['image_id'][i] = r['image_id']
     return out
 
-  def __call__(self, images: np.ndarray, slots: np.ndarray, stats: dict) -> dict:
-    """Padded batch of `spec.batch_size` rows: caption `slots[i]` of image `images[i]`."""
-    b, n = self.spec.batch_size, len(images)
+  def __call__(self, positions: np.ndarray, stats: dict) -> dict:
+    b, n, index = self.spec.batch_size, len(positions), self.index
     if n > b:
       raise ValueError(f'{n} examples do not fit a batch of {b}')
-    records = self.split.read(images)
-    out = self.text([r['captions'][s] for r, s in zip(records, slots)], b, stats)
-    out.update(self.images(records, b))
+    records = self.images.read(index.image_rows(positions))
+    out = self.text(index.texts_of(positions, records), b, stats)
+    out.update(self.regions(records, b))
     out['example_mask'] = np.arange(b) < n
+    if index.task == 'vqa':
+      out.update(self._vqa_targets(positions))
+    elif index.task == 're':
+      out.update(self._re_targets(positions, records))
     return out
+
+  def _ids(self, positions) -> np.ndarray:
+    ids = np.full((self.spec.batch_size,), -1, np.int64)
+    ids[:len(positions)] = self.index.ids[positions]
+    return ids
+
+  def _vqa_targets(self, positions) -> dict:
+    targets = np.zeros((self.spec.batch_size, self.num_answers), np.float32)
+    for i, p in enumerate(positions):
+      targets[i, self.index.labels[p]] = self.index.scores[p]
+    return {'vqa_targets': targets, 'question_id': self._ids(positions)}
+
+  def _re_targets(self, positions, records) -> dict:
+    b, k, n = self.spec.batch_size, self.spec.max_regions, len(positions)
+    img_boxes = np.zeros((b, k, 4), np.float32)
+    for i, r in enumerate(records):
+      m = min(len(r['boxes']), k)
+      img_boxes[i, :m] = r['boxes'][:m]
+    target = np.zeros((b,), np.int32)
+    target[:n] = self.index.target_region[positions]
+    gt_box = np.zeros((b, 4), np.float32)
+    gt_box[:n] = self.index.gt_box[positions]
+    return {'img_boxes': img_boxes, 'target_region': target, 'gt_box': gt_box,
+            'ref_id': self._ids(positions)}
 
 
 def apply_kind(batch: dict, kind: str | None, rng: np.random.Generator, spec: BatchSpec,
@@ -269,6 +217,7 @@ def masking_rng(seed: int, index: int, process_index: int) -> np.random.Generato
   return np.random.default_rng([seed, index, process_index, _MASK_TAG])
 
 
-def shuffle_rng(seed: int, process_index: int, epoch: int) -> np.random.Generator:
-  """The RNG of one epoch's pair permutation on a process."""
-  return np.random.default_rng([seed, process_index, epoch, _SHUFFLE_TAG])
+def shuffle_rng(seed: int, process_index: int, epoch: int, tag: int) -> np.random.Generator:
+  """The RNG of one epoch's example permutation on a process; `tag` names the stream
+  (`vlp.data.examples.SHUFFLE_TAGS`: pairs, VQA and RE shuffle apart)."""
+  return np.random.default_rng([seed, process_index, epoch, tag])

@@ -131,7 +131,6 @@ GT_IOU = 0.99
 
 def _run_split(fn, params, ctx: EvalContext, rows: eval_batches.EvalRows, ds, agg, setting: str,
                split: str) -> list:
-  index = getattr(ds, "split_index", None)  # Per-example records: sentence ids.
   out = []
   for batch in ds:
     scores = np.asarray(eval_batches.run_forward(fn, params, batch, ctx))
@@ -140,7 +139,7 @@ def _run_split(fn, params, ctx: EvalContext, rows: eval_batches.EvalRows, ds, ag
     pred = agg.add_scores(setting, split, scores, boxes, gt, mask, keep)
     agg.add_chance(setting, split, boxes, gt, mask, keep)
     example = rows.gather(batch["example_index"])[keep]
-    sent_ids = index.sent_ids[example] if index is not None else np.full(len(example), -1)
+    sent_ids = ds.split_index.sent_ids[example]  # -1 where records store none (vlp_scenes)
     ref_ids = rows.gather(batch["ref_id"])
     out += [{"ref_id": int(r), "sent_id": int(s), "pred_box": p.tolist(), "gt_box": g.tolist()}
             for r, s, p, g in zip(ref_ids[keep], sent_ids, pred[keep], gt[keep])]

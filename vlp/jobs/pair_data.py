@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import ml_collections
-import numpy as np
 
 from vlp.data import pipeline, shards as shards_lib
 from vlp.data.batching import BatchSpec
@@ -47,15 +46,12 @@ class PairData:
     Every shard has the same number of batches (short ones are padded with
     `example_mask` False), so every process runs the same number of eval steps.
     """
-    per_shard = []
-    for shard in self.shards:
-      ds = pipeline.make_eval_dataset(
-          self.builder, self.spec, tokenizer=self.tokenizer, split="val", unit="pairs",
-          kind=kind, seed=self.config.seed + 1, process_index=shard,
-          process_count=self.num_shards)
-      per_shard.append([ds[i] for i in range(min(len(ds), self.config.eval_batches))])
-    return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
-            for parts in zip(*per_shard)]
+    ds = pipeline.make_eval_dataset(
+        self.builder, self.spec, tokenizer=self.tokenizer, split="val", unit="pairs",
+        kind=kind, seed=self.config.seed + 1, shards=self.shards, num_shards=self.num_shards)
+    # `example_index` is a host field; validation losses send every key to the devices.
+    return [{k: v for k, v in ds[i].items() if k != "example_index"}
+            for i in range(min(len(ds), self.config.eval_batches))]
 
   @functools.lru_cache(maxsize=None)
   def gallery(self) -> dict:

@@ -1,6 +1,6 @@
 """Train and eval data of the VQA and grounding jobs (one process's share).
 
-Wraps `vlp.data.downstream_records` (which reads either record layout: the
+Wraps `vlp.data.downstream` (which reads either record layout: the
 image-level `vlp_scenes` records with `questions` / `refexps`, or the
 per-example records of `vqa_v2` and `refcoco` / `refcoco_plus` / `refcocog`) the
 way `vlp.jobs.pair_data` wraps the pair pipeline: the global batch is cut into
@@ -17,14 +17,14 @@ import os
 import ml_collections
 import tensorflow_datasets as tfds
 
-from vlp.data import downstream_records, scenes, shards as shards_lib
+from vlp.data import downstream, shards as shards_lib
 from vlp.data.batching import BatchSpec
 from vlp.jobs import data_setup
 from vlp.jobs.base import Feed
 
 
 class TaskData:
-  """`task` is 'vqa' or 're' (the batch kinds of vlp.data.downstream_batches).
+  """`task` is 'vqa' or 're' (the batch kinds of vlp.data.downstream).
 
   Attributes:
     builder, tokenizer, answers (VQA answer list, label = position; None for RE).
@@ -37,17 +37,14 @@ class TaskData:
     self.shards = shards_lib.shards_for_rows(feed.rows, config.batch_size, self.num_shards)
     self.builder = data_setup.open_builder(config)
     self.tokenizer = data_setup.open_tokenizer(config, self.builder)
-    self.layout = downstream_records.layout(self.builder, task)
-    self.answers = None
-    if task == "vqa":
-      self.answers = (scenes.answer_vocab(self.builder) if self.layout == "images"
-                      else downstream_records.answer_vocab(self.builder))
+    self.layout = downstream.layout(self.builder, task)
+    self.answers = downstream.answer_vocab(self.builder) if task == "vqa" else None
     self.spec = BatchSpec.from_config(config, config.batch_size // self.num_shards)
     self._eval: dict = {}
 
   def train_iterator(self, kind_for_index=None, start_index: int = 0):
     del kind_for_index  # One batch kind per fine-tuning job.
-    its = [downstream_records.make_task_train_iterator(
+    its = [downstream.make_task_train_iterator(
         self.builder, self.spec, task=self.task, tokenizer=self.tokenizer,
         seed=self.config.seed, process_index=shard, process_count=self.num_shards,
         start_index=start_index, answers=self.answers, worker_count=self.config.data_workers)
@@ -63,7 +60,7 @@ class TaskData:
     key = (os.fspath(builder.data_dir), split, rows.size, tuple(rows.rows))
     if key not in self._eval:
       shards = shards_lib.shards_for_rows(rows.rows, rows.size, rows.pieces)
-      self._eval[key] = downstream_records.make_task_eval_dataset(
+      self._eval[key] = downstream.make_task_eval_dataset(
           builder, BatchSpec.from_config(self.config, rows.size // rows.pieces),
           task=self.task, tokenizer=self.tokenizer, split=split, shards=shards,
           num_shards=rows.pieces, answers=self.answers)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlp.data import downstream_records, scenes
+from vlp.data import downstream, scenes
 from vlp.jobs import base, data_setup, eval_batches
 from vlp.jobs.task_data import TaskData
 from vlp.evaluators import vqa as vqa_eval
@@ -78,7 +78,7 @@ def evaluate_vqa(params, ctx: EvalContext, *, data: TaskData) -> dict:
     report = vqa_eval.vqa_accuracy(results, annotations, _load(q_path))
     out["annotations"] = a_path
   else:
-    annotations = downstream_records.vqa_annotations(ds.split_index)
+    annotations = downstream.vqa_annotations(ds.split_index)
     if annotations is None:
       out.update(vqa_acc=None, num_questions=len(results),
                  note=f"split {split!r} has no answers: only the results file was written "

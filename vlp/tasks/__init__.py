@@ -31,7 +31,7 @@ class Task:
   Attributes:
     name: task key (also the suffix of its `loss/<name>` metric).
     batch_kind: the batch kind it consumes (a `vlp.data.masking` kind, or
-      `vqa` / `re` (`vlp.data.downstream_batches`) or `retrieval` for fine-tuning).
+      `vqa` / `re` (`vlp.data.downstream`) or `retrieval` for fine-tuning).
     loss_fn: `loss_fn(model, batch, rng, **hyper_parameters)`.
   """
   name: str

@@ -2,7 +2,7 @@
 
 Image-level records in the `vlp_scenes` schema (image_id, image_w, image_h,
 features, boxes, img_pos, conf, [soft_labels], captions) plus `sent_ids [5]` and
-`file_name`, so `ImageSplit` / `BatchBuilder` read them unchanged.
+`file_name`, so `ImageRecords` / `Batcher` read them unchanged.
 
 * Splits as named in the Karpathy file: `train`, `restval` (COCO), `val`, `test`,
   in file order (shuffling disabled: record i is the i-th image of the split).

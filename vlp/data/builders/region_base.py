@@ -150,7 +150,7 @@ def ordered_key(index: int, count: int) -> int:
 
 
 def tensor(shape, dtype) -> tfds.features.Tensor:
-  """A raw-bytes tensor (the encoding `ImageSplit`'s fast path parses)."""
+  """A raw-bytes tensor (the encoding `vlp.data.records` parses fast)."""
   return tfds.features.Tensor(shape=shape, dtype=dtype,
                               encoding=tfds.features.Encoding.BYTES)
 

@@ -1,6 +1,6 @@
 """tfds builder `vg_captions`: Visual Genome region descriptions as captions.
 
-Image-level records in the `vlp_scenes` schema (so `ImageSplit` reads them) plus
+Image-level records in the `vlp_scenes` schema (so `ImageRecords` reads them) plus
 `region_ids [5]` (the VG region of each caption) and `group` (index of the
 record among its image's records).
 

@@ -1,0 +1,95 @@
+"""The image-level records of a tfds split: validated once, read per batch.
+
+Every input pipeline reads its regions here: the pair splits (records with five
+captions), the `vlp_scenes` splits whose records also carry questions /
+expressions, and the `images` split of the per-example builders (vqa_v2,
+refcoco*). Reading goes through the fast parser of vlp.data.records where every
+array field is stored as raw bytes, else through tfds' decoder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vlp.data import records
+
+NUM_CAPTIONS = 5
+REGION_FIELDS = ('features', 'img_pos', 'soft_labels')  # soft_labels is optional
+
+
+class ImageRecords:
+  """A validated split of image-level records.
+
+  Args:
+    builder: a prepared tfds builder.
+    split: the split to read.
+    feature_dim: D the model expects; records with another D are an error.
+    captions: require exactly `NUM_CAPTIONS` captions per image and read them.
+    boxes: require and read `boxes` (pixel x1 y1 x2 y2 per region).
+
+  Attributes: name, split, feature_dim, num_classes (stored C of `soft_labels`,
+  0 without), layout ({field: (dtype, tail)} of the fast path; None when tfds
+  decodes the records), source.
+  """
+
+  def __init__(self, builder, split: str, feature_dim: int, *, captions: bool = True,
+               boxes: bool = False):
+    self.name, self.split = builder.info.name, split
+    where = f'split {split!r} of {self.name}'
+    splits = builder.info.splits
+    if split not in splits:
+      raise ValueError(f'{self.name} at {builder.data_dir} has no split {split!r}; '
+                       f'it has {sorted(splits)}')
+    feats = builder.info.features
+    required = (('image_id', 'features', 'img_pos') + ('captions',) * captions
+                + ('boxes',) * boxes)
+    missing = [k for k in required if k not in feats]
+    if missing:
+      raise KeyError(f'{where} ({builder.data_dir}) lacks fields {missing}; records have '
+                     f'{sorted(feats)}')
+    dim = feats['features'].shape[-1]
+    if dim != feature_dim:
+      raise ValueError(f'{where} has region features of dim {dim}, config expects '
+                       f'feature_dim={feature_dim}')
+    if captions:
+      shape = getattr(feats['captions'], 'shape', (None,))
+      if tuple(shape) != (NUM_CAPTIONS,):
+        raise ValueError(f'{where} stores captions of shape {shape}; pairs need exactly '
+                         f'{NUM_CAPTIONS} per image')
+    self.num_classes = (feats['soft_labels'].shape[-1] if 'soft_labels' in feats else 0)
+    self.feature_dim, self.captions = dim, captions
+    self.layout = None
+    if records.is_int_scalar(feats['image_id']):
+      self.layout = records.bytes_layout(feats, REGION_FIELDS + ('boxes',) * boxes)
+    self.source = records.open_source(builder, split, raw=self.fast)
+    if len(self.source) == 0:
+      raise ValueError(f'{where} ({builder.data_dir}) is empty')
+
+  @property
+  def fast(self) -> bool:
+    """Whether records are parsed here (else tfds decodes every field)."""
+    return self.layout is not None
+
+  def __len__(self):
+    return len(self.source)
+
+  def read(self, indices) -> list[dict]:
+    """Records at `indices` (one batched read; repeated indices read once).
+
+    On the fast path a record holds only the fields batches use: image_id, the
+    region arrays and, if asked for, captions and boxes.
+    """
+    unique, inverse = np.unique(np.asarray(indices, np.int64), return_inverse=True)
+    out = self.source.__getitems__([int(i) for i in unique])
+    if self.fast:
+      out = [self._parse(r) for r in out]
+    return [out[j] for j in inverse]
+
+  def _parse(self, raw: bytes) -> dict:
+    feature = records.parse(raw)
+    out = {'image_id': int(feature['image_id'].int64_list.value[0])}
+    if self.captions:
+      out['captions'] = list(feature['captions'].bytes_list.value)
+    for name, (dtype, tail) in self.layout.items():
+      out[name] = records.array(feature[name], dtype, tail)
+    return out

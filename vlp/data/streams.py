@@ -1,0 +1,242 @@
+"""The two ways batches leave vlp/data: an endless training stream and finite eval batches.
+
+Both take a `vlp.data.batching.Batcher` over an example index (vlp.data.examples),
+whatever the examples are (image-caption pairs, questions, expressions).
+
+Training (`train_iterator`): the index holds the examples of one data shard;
+they are shuffled with a permutation drawn from (seed, shard, epoch, the index's
+shuffle tag), epochs follow each other seamlessly, forever. Batch i is built and
+optionally turned into a task batch (`kind_for_index(i)`) with a masking RNG
+drawn from (seed, i, shard) only, so batch i is a pure function of (seed, i):
+resuming means starting at index i. grain provides the parallelism: reader
+threads per process and optionally worker processes.
+
+Evaluation (`EvalDataset`): the index holds a whole split, cut into contiguous
+data shards; every shard gets the same number of batches, so every process runs
+the same number of eval steps.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Callable, Sequence
+
+import grain
+import numpy as np
+
+from vlp.data.batching import Batcher, apply_kind, masking_rng, shuffle_rng
+
+
+class EpochShuffle:
+  """Per-epoch permutations of `num` items, a pure function of (seed, shard, epoch, tag).
+
+  Base of the picklable batch functions that grain workers run: the lock and the
+  permutation cache are rebuilt after unpickling.
+  """
+
+  def __init__(self, *, seed: int, process_index: int, num: int, tag: int):
+    if int(seed) < 0:
+      raise ValueError(f'the data seed must be a non-negative int, got {seed}')
+    self.seed, self.process_index, self.num, self.tag = int(seed), process_index, int(num), tag
+    self.stats: dict = {}
+    self._init_runtime()
+
+  def _init_runtime(self):
+    self._lock, self._perms = threading.Lock(), {}
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state['_lock'], state['_perms']
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_runtime()
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      perm = self._perms.get(epoch)
+      if perm is None:
+        rng = shuffle_rng(self.seed, self.process_index, epoch, self.tag)
+        perm = rng.permutation(self.num)
+        self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+        self._perms[epoch] = perm
+      return perm
+
+  def positions(self, index: int, batch_size: int) -> np.ndarray:
+    """Item positions (in [0, num)) of batch `index`, epoch after epoch."""
+    pos = np.arange(index * batch_size, (index + 1) * batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(pos, self.num)
+    out = np.empty_like(pos)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      out[sel] = self._permutation(int(e))[offsets[sel]]
+    return out
+
+  def add_stats(self, stats: dict) -> None:
+    with self._lock:
+      for key, value in stats.items():
+        self.stats[key] = self.stats.get(key, 0) + int(value)
+
+
+class TrainBatchFn(EpochShuffle):
+  """Batch index -> batch of one data shard; picklable so grain workers can run it."""
+
+  def __init__(self, batcher: Batcher, *, seed: int, process_index: int,
+               kind_for_index: Callable[[int], str] | None = None):
+    self.batcher, self.kind_for_index = batcher, kind_for_index
+    super().__init__(seed=seed, process_index=process_index, num=len(batcher.index),
+                     tag=batcher.index.shuffle_tag)
+
+  def __call__(self, index: int) -> dict:
+    stats: dict = {}
+    batch = self.batcher(self.positions(index, self.batcher.spec.batch_size), stats)
+    if self.kind_for_index is not None:
+      batch = apply_kind(batch, self.kind_for_index(index),
+                         masking_rng(self.seed, index, self.process_index),
+                         self.batcher.spec, self.batcher.token_ids, stats)
+    self.add_stats(stats)
+    return batch
+
+
+class TrainIterator:
+  """Infinite iterator of batches with a checkpointable position.
+
+  `get_state()` is `{'next_index': i}` (JSON-able): the stream is a pure function of
+  (seed, batch index), so restoring rebuilds the grain iterator at batch i.
+  `stats` counts truncated texts and capped or impossible maskings (exact with
+  `worker_count=0`; worker processes keep their own counts).
+  """
+
+  def __init__(self, fn: TrainBatchFn, *, start_index: int, num_threads: int,
+               prefetch: int, worker_count: int):
+    self._fn, self._threads, self._prefetch = fn, num_threads, prefetch
+    self._workers = worker_count
+    self._it, self._next = None, int(start_index)
+    self._restart()
+
+  def _restart(self):
+    self.close()
+    ds = grain.MapDataset.range(self._next, sys.maxsize).map(self._fn)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
+                                                 prefetch_buffer_size=self._prefetch))
+    if self._workers > 0:
+      it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+    self._it = iter(it_ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._it)
+    self._next += 1
+    return batch
+
+  @property
+  def next_index(self) -> int:
+    return self._next
+
+  @property
+  def examples(self):
+    """The example index (vlp.data.examples) this stream shuffles: its shard's examples."""
+    return self._fn.batcher.index
+
+  @property
+  def stats(self) -> dict:
+    return dict(self._fn.stats)
+
+  def get_state(self) -> dict:
+    return {'next_index': self._next}
+
+  def set_state(self, state: dict) -> None:
+    self._next = int(state['next_index'])
+    self._restart()
+
+  def close(self):
+    if self._it is not None and hasattr(self._it, 'close'):
+      self._it.close()
+    self._it = None
+
+
+def train_iterator(batcher: Batcher, *, seed: int, process_index: int,
+                   kind_for_index: Callable[[int], str] | None = None, start_index: int = 0,
+                   worker_count: int = 0, num_threads: int = 2,
+                   prefetch: int = 4) -> TrainIterator:
+  """The infinite stream of data shard `process_index` over `batcher.index`.
+
+  Args:
+    batcher: batches of the shard's examples (`spec.batch_size` rows).
+    seed: data seed (shuffling and masking); a non-negative int.
+    process_index: the data shard (seeds its shuffle and masking).
+    kind_for_index: batch index -> 'mlm' | 'mrm' | 'itm' (None: plain batches). Must
+      be picklable when `worker_count > 0`.
+    start_index: first batch index (resume without a stored state).
+    worker_count: grain worker processes (0: threads in this process only).
+    num_threads: grain reader threads per process.
+    prefetch: batches buffered per process.
+  """
+  fn = TrainBatchFn(batcher, seed=seed, process_index=process_index,
+                    kind_for_index=kind_for_index)
+  return TrainIterator(fn, start_index=start_index, num_threads=num_threads,
+                       prefetch=prefetch, worker_count=worker_count)
+
+
+class EvalDataset:
+  """Finite padded batches of a split's examples, the same number on every data shard.
+
+  The examples (positions of `batcher.index`, the whole split) are cut into
+  contiguous data shards, `ranges[s] = (lo, hi)` for every shard s. The dataset
+  feeds the shards `shards`, their rows of each batch concatenated in that order
+  (a process feeds the shards whose rows of the global batch its devices hold).
+  Every shard has ceil(largest shard / B) batches; the last ones are padded with
+  rows whose `example_mask` is False (all zero, ids -1). Every batch has
+  `example_index`, each row's example in the split (-1 on padding). With `kind`
+  each shard's rows become that task batch, masked from (seed, batch index,
+  shard), so every evaluation of the split sees the same masks.
+  `len()` is the number of batches; iterate it (any number of times) or index it.
+
+  Attributes: split_index (`batcher.index`), num_examples (this dataset's real
+  rows), ids (question_ids / ref_ids of its examples, in feed order; None for
+  pairs).
+  """
+
+  def __init__(self, batcher: Batcher, ranges: Sequence[tuple[int, int]],
+               shards: Sequence[int], *, kind: str | None = None, seed: int = 0,
+               num_threads: int = 2, prefetch: int = 4):
+    self.batcher, self.kind, self.seed = batcher, kind, int(seed)
+    self.shards = [int(s) for s in shards]
+    if not self.shards or not all(0 <= s < len(ranges) for s in self.shards):
+      raise ValueError(f'data shards {list(shards)} not in [0, {len(ranges)})')
+    self.parts = [ranges[s] for s in self.shards]
+    self._threads, self._prefetch = num_threads, prefetch
+    self.split_index = batcher.index
+    self.num_examples = sum(hi - lo for lo, hi in self.parts)
+    ids = getattr(batcher.index, 'ids', None)
+    self.ids = (None if ids is None else
+                np.concatenate([ids[lo:hi] for lo, hi in self.parts]))
+    largest = max(hi - lo for lo, hi in ranges)
+    self.num_batches = -(-largest // batcher.spec.batch_size)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __getitem__(self, index: int) -> dict:
+    if not 0 <= index < self.num_batches:
+      raise IndexError(f'batch {index} of {self.num_batches}')
+    b, spec = self.batcher.spec.batch_size, self.batcher.spec
+    parts = []
+    for shard, (lo, hi) in zip(self.shards, self.parts):
+      positions = np.arange(lo + index * b, min(lo + (index + 1) * b, hi), dtype=np.int64)
+      batch = self.batcher(positions, {})
+      example = np.full((b,), -1, np.int64)
+      example[:len(positions)] = positions
+      batch['example_index'] = example  # before masking: ITM moves it with its text
+      parts.append(apply_kind(batch, self.kind, masking_rng(self.seed, index, shard), spec,
+                              self.batcher.token_ids))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def __iter__(self):
+    ds = grain.MapDataset.range(self.num_batches).map(self.__getitem__)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=self._threads, prefetch_buffer_size=self._prefetch)))
