@@ -14,7 +14,7 @@ from flax import nnx
 from scipy.special import erf
 
 from vlp.models.downstream import (PADDED_REGION_SCORE, UniterForGrounding,
-                                   UniterForRetrieval, UniterForVqa, lr_multipliers)
+                                   UniterForRetrieval, UniterForVqa)
 from vlp.models.torch_names import FINETUNING_HEADS, torch_name_table
 from vlp.models.uniter import DUAL_LAYERS
 from vlp.models.uniter_config import model_config
@@ -127,17 +127,6 @@ def test_vqa_base_head_size_and_default_answers():
   assert _count(m.vqa_output) == 5_993_529
   with pytest.raises(ValueError):
     UniterForVqa(_cfg(), num_answers=0, rngs=nnx.Rngs(0))
-
-
-def test_vqa_lr_multipliers():
-  model = nnx.eval_shape(lambda: UniterForVqa(_cfg(), num_answers=A, rngs=nnx.Rngs(0)))
-  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  mult = lr_multipliers(pure, model.LR_MULTIPLIERS)
-  assert jax.tree.structure(mult) == jax.tree.structure(pure)
-  flat = jax.tree_util.tree_flatten_with_path(mult)[0]
-  for path, value in flat:
-    assert value == (10.0 if path[0].key == 'vqa_output' else 1.0), path
-  assert sum(v == 10.0 for _, v in flat) == 6  # 2 Linear x 2 + LN x 2
 
 
 # ---------------------------------------------------------------- grounding

@@ -71,6 +71,25 @@ def test_frozen_modules_take_no_update_and_leave_the_clip_norm():
     bad.init(params)
 
 
+def test_lr_multipliers_scale_one_module_after_adamw():
+  # The VQA head's 10x (config.head_lr_mult): the head's update, weight decay
+  # included, is exactly 10 times the plain AdamW update; other modules unchanged.
+  params = {"uniter": {"w": jnp.full((2,), 2.0)}, "vqa_output": {"kernel": jnp.full((2,), 3.0)}}
+  grads = {"uniter": {"w": jnp.array([0.3, -0.4])},
+           "vqa_output": {"kernel": jnp.array([-0.6, 0.8])}}
+  cfg = _opt_cfg(grad_clip=100.0)
+  plain, _ = optim.make_optimizer(cfg, 10)
+  scaled, _ = optim.make_optimizer(cfg, 10, lr_multipliers={"vqa_output": 10.0})
+  want, _ = plain.update(grads, plain.init(params), params)
+  got, _ = scaled.update(grads, scaled.init(params), params)
+  np.testing.assert_allclose(got["uniter"]["w"], want["uniter"]["w"], rtol=1e-6)
+  np.testing.assert_allclose(got["vqa_output"]["kernel"], 10.0 * want["vqa_output"]["kernel"],
+                             rtol=1e-6)
+  # First step: -lr (sign(g) + wd p), lr = 0.1 after the 1-step warm-up.
+  np.testing.assert_allclose(want["vqa_output"]["kernel"],
+                             -0.1 * (np.sign([-0.6, 0.8]) + 0.01 * 3.0), rtol=1e-4)
+
+
 def optax_mu(state):
   return optax.tree_utils.tree_get(state, "mu")
 

@@ -90,14 +90,6 @@ def above_matrix(scene: Scene) -> np.ndarray:
   return y[None, :] - y[:, None] > RELATION_MARGIN
 
 
-def is_left_of(scene: Scene, i: int, j: int) -> bool:
-  return bool(left_of_matrix(scene)[i, j])
-
-
-def is_above(scene: Scene, i: int, j: int) -> bool:
-  return bool(above_matrix(scene)[i, j])
-
-
 def relation_pairs(scene: Scene, matrix_fn: Callable[[Scene], np.ndarray]) -> np.ndarray:
   """[m, 2] index pairs (i, j) for which the relation holds."""
   return np.argwhere(matrix_fn(scene))

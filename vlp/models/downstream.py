@@ -8,7 +8,8 @@ model.torch_heads)` maps the whole tree:
 
 * `UniterForVqa`: ``vqa_output`` = [Linear H->2H, GELU, LN(2H), Linear 2H->A] on
   the pooled output; indices 0/2/3 as the torch Sequential. The head
-  trains with a 10x learning rate in the reference (`LR_MULTIPLIERS`).
+  trains with a 10x learning rate in the reference (the VQA job's optimizer
+  gives it `config.head_lr_mult`).
 * `UniterForGrounding`: ``re_output`` scores every region hidden state, either a
   single Linear H->1 (``mlp=1``, RefCOCO/RefCOCOg) or [Linear H->H, GELU, LN,
   Linear H->1] (``mlp=2``, RefCOCO+); padded regions get `PADDED_REGION_SCORE`
@@ -86,29 +87,8 @@ def _backbone(model: Any, batch: Mapping[str, jax.Array],
                       rngs=rngs)
 
 
-def lr_multipliers(params: Any, multipliers: Mapping[str, float]) -> Any:
-  """A pytree like `params` holding, per leaf, the multiplier of its top-level module.
-
-  Args:
-    params: a parameter pytree (`nnx.State` or nested dict) of a model.
-    multipliers: top-level attribute name -> learning-rate factor (e.g. a model's
-      `LR_MULTIPLIERS`); other leaves get 1.0.
-
-  Returns:
-    Same structure, float leaves. Scaling the optimizer's updates leaf-wise by it
-    (after AdamW) equals the reference's per-group lr, weight decay included.
-  """
-  def factor(path, _):
-    top = path[0]
-    key = getattr(top, 'key', getattr(top, 'name', top))
-    return float(multipliers.get(str(key), 1.0))
-  return jax.tree_util.tree_map_with_path(factor, params)
-
-
 class UniterForVqa(nnx.Module):
   """Backbone `uniter` + VQA classifier `vqa_output` over `num_answers` answers."""
-
-  LR_MULTIPLIERS = {'vqa_output': 10.0}
 
   def __init__(self, cfg: UniterConfig, *, num_answers: int = VQA_NUM_ANSWERS,
                rngs: nnx.Rngs):
@@ -137,8 +117,6 @@ class UniterForVqa(nnx.Module):
 
 class UniterForGrounding(nnx.Module):
   """Backbone `uniter` + per-region score `re_output` (referring expressions)."""
-
-  LR_MULTIPLIERS: dict[str, float] = {}
 
   def __init__(self, cfg: UniterConfig, *, mlp: int = 1, rngs: nnx.Rngs):
     if mlp not in (1, 2):
@@ -199,8 +177,6 @@ class UniterForRetrieval(nnx.Module):
       `dual_output` (cross-encoder only).
     rngs: parameter initialisation.
   """
-
-  LR_MULTIPLIERS: dict[str, float] = {}
 
   def __init__(self, cfg: UniterConfig, *, dual_dim: int | None = None, rngs: nnx.Rngs):
     if dual_dim is not None and dual_dim <= 0:

@@ -75,10 +75,6 @@ class UniterConfig:
                        f'got {self.attention_impl!r}')
 
   @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @property
   def compute_dtype(self) -> Any:
     """jnp dtype of activations and matmul inputs."""
     return _DTYPES[self.dtype]
