@@ -10,17 +10,16 @@ Arguments after the colon: `size` (base | tiny) and `data` (refcoco | refcoco_pl
 import os
 
 from vlp import config_lib
-from vlp.jobs.configs import add_finetune_keys
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="base", data="refcoco_plus")
-  tiny = arg.size == "tiny"
   here = os.path.dirname(os.path.abspath(__file__))
-  c = config_lib.load_config_file(f"{here}/uniter_base.py:size={arg.size},data={arg.data}")
+  common = config_lib.load_module(f"{here}/finetune_common.py")
+  c = common.finetune_config(arg.size, arg.data, job="grounding",
+                             tasks=dict(grounding=1), eval_split="val", lr=8e-5,
+                             steps=5000, warmup=500, batch_size=256)
   scenes = arg.data == "vlp_scenes"
-  add_finetune_keys(c, task="grounding", tiny=tiny, tasks=dict(grounding=1), eval_split="val",
-                    lr=8e-5, steps=5000, warmup=500, batch_size=256)
   c.eval_splits = (["val", "test"] if scenes else
                    ["val", "test"] if arg.data == "refcocog" else ["val", "testA", "testB"])
   c.max_regions = max(c.max_regions, 10 if scenes else 100)  # Every candidate region.

@@ -9,16 +9,18 @@ r"""Image-text retrieval fine-tuning (UNITER hard negatives; optional dual encod
 
 Arguments after the colon: `size` (base | tiny), `data` (coco_karpathy |
 flickr30k_karpathy | vlp_scenes) and `stage` (cross | dual). Base follows the
-reference `config/train-itm-flickr-base-16gpu-hn.json`: lr 5e-5,
-5000 updates, warm-up 500, 31 hard negatives per anchor in both directions, margin
-0.2. `stage=dual` trains only the dual head (`optimizer.frozen`) on InfoNCE +
-ListNet distillation of the cross-encoder's scores (vlp/tasks/distill.py).
+reference `config/train-itm-flickr-base-16gpu-hn.json`: lr 5e-5, 5000 updates,
+warm-up 500, 31 hard negatives per anchor in both directions, margin 0.2.
+`stage=dual` trains only the dual head (`optimizer.frozen`) on InfoNCE + ListNet
+distillation of the cross-encoder's scores (vlp/tasks/distill.py).
+Each objective's settings sit under its name: `retrieval_ft.*`, `distill.*`.
 """
 
 import os
 
+import ml_collections
+
 from vlp import config_lib
-from vlp.jobs.configs import add_finetune_keys
 
 
 def get_config(arg=None):
@@ -27,26 +29,27 @@ def get_config(arg=None):
     raise ValueError(f"finetune_retrieval.py: stage must be 'cross' or 'dual', got {arg.stage!r}")
   tiny = arg.size == "tiny"
   here = os.path.dirname(os.path.abspath(__file__))
-  c = config_lib.load_config_file(f"{here}/uniter_base.py:size={arg.size},data={arg.data}")
-  add_finetune_keys(c, task="retrieval", tiny=tiny, tasks=dict(retrieval_ft=1, distill=0),
-                    eval_split="test", lr=5e-5, steps=5000, warmup=500, batch_size=256)
+  common = config_lib.load_module(f"{here}/finetune_common.py")
+  c = common.finetune_config(arg.size, arg.data, job="retrieval",
+                             tasks=dict(retrieval_ft=1, distill=0), eval_split="test",
+                             lr=5e-5, steps=5000, warmup=500, batch_size=256)
   if tiny:  # CPU demo: fewer steps and anchors (scoring B x B pairs is the cost).
     c.total_steps, c.batch_size, c.log_every = 100, 32, 20
     c.eval_every = c.checkpoint_every = c.total_steps
-  c.num_hard_negatives = 7 if tiny else 31
-  # Anchors per direction whose negatives are mined (0 = every row of the batch).
-  c.num_anchors = 8 if tiny else 0
-  c.margin = 0.2
+  # Hard negatives per anchor and direction, the hinge margin, and the anchors per
+  # direction whose negatives are mined (0 = every row of the batch).
+  c.retrieval_ft = ml_collections.ConfigDict(dict(
+      num_hard_negatives=7 if tiny else 31, margin=0.2, num_anchors=8 if tiny else 0))
   c.dual_dim = 0  # > 0 adds the dual-encoder head (train it with tasks.distill).
-  c.student_scale = 6.0
-  c.contrastive_weight = 0.0
+  # The student's cosine scale and the weight of InfoNCE next to the distillation.
+  c.distill = ml_collections.ConfigDict(dict(student_scale=6.0, contrastive_weight=0.0))
   c.two_stage_ks = (10, 20) if tiny else (16, 64, 128)  # A tuple: overridable as "(4, 20)".
   # 0 = the whole split (Flickr30K / COCO Karpathy test: 1000 / 5000 images).
   c.eval_gallery_images = 100 if arg.data == "vlp_scenes" else 0
   if arg.stage == "dual":
     c.dual_dim = 64 if tiny else 256
     c.tasks = dict(retrieval_ft=0, distill=1)
-    c.contrastive_weight = 1.0
+    c.distill.contrastive_weight = 1.0
     c.optimizer.frozen = "uniter,itm_output,rank_output"
     c.optimizer.learning_rate = 1e-3 if tiny else 1e-4  # A fresh head: a higher lr.
     if tiny:  # Measured on the demo: two-stage k = 20 R@1 is 1-3 points short at 400.

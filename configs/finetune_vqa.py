@@ -11,15 +11,14 @@ the answer head, 6000 updates, warm-up 600.
 import os
 
 from vlp import config_lib
-from vlp.jobs.configs import add_finetune_keys
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="base", data="vqa_v2")
-  tiny = arg.size == "tiny"
   here = os.path.dirname(os.path.abspath(__file__))
-  c = config_lib.load_config_file(f"{here}/uniter_base.py:size={arg.size},data={arg.data}")
-  add_finetune_keys(c, task="vqa", tiny=tiny, tasks=dict(vqa=1), eval_split="val",
-                    lr=8e-5, steps=6000, warmup=600, batch_size=512)
-  c.head_lr_mult = 10.0
+  common = config_lib.load_module(f"{here}/finetune_common.py")
+  c = common.finetune_config(arg.size, arg.data, job="vqa", tasks=dict(vqa=1),
+                             eval_split="val", lr=8e-5, steps=6000, warmup=600,
+                             batch_size=512)
+  c.head_lr_mult = 10.0  # Learning-rate factor of the answer head `vqa_output`.
   return c

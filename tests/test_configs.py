@@ -1,14 +1,52 @@
-"""Config files load, arguments parse, and bad overrides fail clearly."""
+"""Config files load, arguments parse, bad overrides fail clearly, and each job's
+config holds exactly the keys that job reads."""
 
+import glob
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from vlp import config_lib
+from vlp import config_lib, jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Loaded by the job configs, not run on their own.
+NOT_RUNNABLE = {"base.py", "finetune_common.py"}
+# Top-level keys each job adds to configs/base.py (the schedule and `tasks` included).
+SCHEDULE = {"job", "tasks", "total_steps", "batch_size", "log_every", "eval_every",
+            "checkpoint_every"}
+PRETRAINING_ONLY = {"loss_weights", "mlm", "mrm", "itm", "eval_batches"}
+JOB_KEYS = {
+    "pretrain": SCHEDULE | PRETRAINING_ONLY | {"eval_gallery_images"},
+    "retrieval": SCHEDULE | {"init_from", "retrieval_ft", "distill", "dual_dim",
+                             "two_stage_ks", "eval_gallery_images"},
+    "vqa": SCHEDULE | {"init_from", "head_lr_mult"},
+    "grounding": SCHEDULE | {"init_from", "eval_splits", "det_data_dir"},
+}
+# The keys these were before the per-task subtrees; none may come back.
+FLAT_KEYS = {"task", "mlm_prob", "mrm_prob", "itm_neg_prob", "itm_negatives",
+             "max_mlm_predictions", "max_mrm_predictions", "wra_weight", "ot_beta",
+             "ot_iterations", "ot_k", "num_hard_negatives", "margin", "num_anchors",
+             "student_scale", "contrastive_weight"}
+
+
+def documented_configs() -> list[str]:
+  """Every `configs/<file>.py[:arg]` the README, Makefile, launch scripts, config
+  docstrings and entry points name (the commands people copy)."""
+  files = ([os.path.join(REPO, "README.md"), os.path.join(REPO, "Makefile")]
+           + glob.glob(os.path.join(REPO, "launch", "*"))
+           + glob.glob(os.path.join(REPO, "configs", "*.py"))
+           + glob.glob(os.path.join(REPO, "vlp", "**", "*.py"), recursive=True))
+  found = set()
+  for path in files:
+    with open(path) as f:
+      found.update(re.findall(r"configs/[a-z_]+\.py(?::[A-Za-z0-9_=,]+)?", f.read()))
+  return sorted(s for s in found if os.path.basename(s.split(":")[0]) not in NOT_RUNNABLE)
+
+
+DOCUMENTED = documented_configs()
 KEYS = ("total_steps", "batch_size", "seed", "log_every", "eval_every", "checkpoint_every",
         "data", "data_dir", "mesh", "sharding")
 
@@ -64,3 +102,67 @@ def test_set_values_sets_dotted_keys_and_refuses_unknown_ones():
   assert out is cfg and cfg.optimizer.learning_rate == 0.5 and cfg.batch_size == 8
   with pytest.raises(KeyError, match="optimizer.no_such_key"):
     config_lib.set_values(cfg, {"optimizer.no_such_key": 1})
+
+
+def test_the_demo_and_readme_commands_are_among_the_documented_configs():
+  # The scan must see the commands `make demo` and `make two-stage` run.
+  assert {"configs/uniter_base.py:tiny",
+          "configs/finetune_retrieval.py:size=tiny,data=vlp_scenes",
+          "configs/finetune_retrieval.py:size=tiny,data=vlp_scenes,stage=dual",
+          "configs/finetune_vqa.py:size=tiny,data=vlp_scenes",
+          "configs/finetune_refcoco.py:size=tiny,data=vlp_scenes",
+          "configs/uniter_large.py"} <= set(DOCUMENTED)
+  files = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.py"))}
+  assert {os.path.basename(s.split(":")[0]) for s in DOCUMENTED} == files - NOT_RUNNABLE
+
+
+@pytest.mark.parametrize("spec", DOCUMENTED)
+def test_each_job_config_holds_exactly_the_keys_its_job_reads(spec):
+  cfg = config_lib.load_config_file(os.path.join(REPO, spec))
+  size = cfg.model.size if cfg.model.size != "large" else "base"
+  base = config_lib.load_config_file(
+      os.path.join(REPO, f"configs/base.py:size={size},data={cfg.data}"))
+  assert cfg.job in JOB_KEYS and cfg.job in jobs.JOBS, spec
+  extra = set(cfg.keys()) - set(base.keys())
+  assert extra == JOB_KEYS[cfg.job], (spec, sorted(extra ^ JOB_KEYS[cfg.job]))
+  assert not set(config_lib.valid_keys(cfg)) & FLAT_KEYS, spec
+  assert {"learning_rate", "warmup_steps", "grad_clip"} <= set(cfg.optimizer.keys())
+  assert sum(cfg.tasks.values()) > 0, spec
+  if cfg.job == "pretrain":
+    assert set(cfg.loss_weights.keys()) | set(cfg.tasks.keys()) <= {
+        "mlm", "mrfr", "mrc", "mrckl", "itm"}
+  else:  # None of the pretraining objectives' keys reaches a fine-tuning job.
+    assert not set(cfg.keys()) & PRETRAINING_ONLY, spec
+  if cfg.job == "retrieval":  # Each objective's subtree is its loss's keyword arguments.
+    assert set(cfg.retrieval_ft.keys()) == {"num_hard_negatives", "margin", "num_anchors"}
+    assert set(cfg.distill.keys()) == {"student_scale", "contrastive_weight"}
+
+
+def test_pretraining_objectives_keep_their_values_in_subtrees():
+  tiny = config_lib.load_config_file(os.path.join(REPO, "configs/uniter_base.py:tiny"))
+  base = config_lib.load_config_file(os.path.join(REPO, "configs/uniter_base.py"))
+  assert (tiny.mlm.max_predictions, base.mlm.max_predictions) == (8, 12)
+  assert (tiny.mrm.max_predictions, base.mrm.max_predictions) == (4, 10)
+  assert tiny.mlm.prob == tiny.mrm.prob == 0.15
+  assert (tiny.itm.negatives, base.itm.negatives) == ("balanced", "random")
+  assert tiny.itm.neg_prob == 0.5 and tiny.itm.wra_weight == 0.1
+  assert dict(tiny.itm.ot) == {"beta": 0.5, "iterations": 50, "k": 1}
+  from vlp.train.task_mix import task_kwargs
+  assert task_kwargs(tiny, "itm") == dict(wra_weight=0.1, ot_beta=0.5, ot_iterations=50,
+                                          ot_k=1)
+  from vlp.data.batching import BatchSpec
+  spec = BatchSpec.from_config(tiny, 32, masked=True)
+  assert (spec.mlm_predictions, spec.mrm_predictions, spec.itm_negatives) == (8, 4, "balanced")
+  # Fine-tuning batches are plain: the masking settings are not read at all.
+  vqa = config_lib.load_config_file(os.path.join(REPO, "configs/finetune_vqa.py:tiny"))
+  assert BatchSpec.from_config(vqa, 32).max_text_len == 20
+
+
+def test_retrieval_stages_and_their_task_settings():
+  cross = config_lib.load_config_file(
+      os.path.join(REPO, "configs/finetune_retrieval.py:size=tiny,data=vlp_scenes"))
+  dual = config_lib.load_config_file(
+      os.path.join(REPO, "configs/finetune_retrieval.py:size=tiny,data=vlp_scenes,stage=dual"))
+  assert dict(cross.retrieval_ft) == {"num_hard_negatives": 7, "margin": 0.2, "num_anchors": 8}
+  assert (cross.distill.contrastive_weight, dual.distill.contrastive_weight) == (0.0, 1.0)
+  assert dict(dual.tasks) == {"retrieval_ft": 0, "distill": 1} and dual.dual_dim == 64

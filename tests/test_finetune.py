@@ -133,7 +133,8 @@ def test_retrieval_rank_head_from_itm(pretrained_dir, tmp_path):
   np.testing.assert_array_equal(out["rank_output"]["bias"], [2.0])
   cfg, work, out, losses = finetune(
       "configs/finetune_retrieval.py:size=tiny,data=vlp_scenes", pretrained_dir, tmp_path,
-      total_steps=6, eval_gallery_images=10, num_anchors=4, num_hard_negatives=3)
+      total_steps=6, eval_gallery_images=10,
+      **{"retrieval_ft.num_anchors": 4, "retrieval_ft.num_hard_negatives": 3})
   assert out["num_images"] == 10 and out["num_captions"] == 50
   assert out["full"]["pairs_scored"] == 500
   assert 0.0 <= out["t2i_r1"] <= out["t2i_r5"] <= out["t2i_r10"] <= 100.0

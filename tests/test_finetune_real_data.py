@@ -261,7 +261,7 @@ def test_tokenizer_resolution(built, tmp_path):
   cfg = small('configs/finetune_vqa.py:size=tiny,data=vqa_v2', built['vqa'].data_dir)
   with pytest.raises(FileNotFoundError, match=r'stores no tokenizer \(spm.model\) and '
                                               'config.init_from is empty'):
-    data_setup.tokenizer_path(cfg, built['vqa'])
+    data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from)
   spm = str(built['tokenizer'].path)
   # A pretrained directory names its tokenizer file in config.json.
   pre = tmp_path / 'pre'
@@ -270,16 +270,16 @@ def test_tokenizer_resolution(built, tmp_path):
       'format': pretrained.FORMAT, 'format_version': pretrained.FORMAT_VERSION,
       'tokenizer': {'type': 'sentencepiece', 'file': 'spm.model'}}))
   cfg.init_from = str(pre)
-  assert data_setup.tokenizer_path(cfg, built['vqa']) == str(pre / 'spm.model')
+  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == str(pre / 'spm.model')
   # A training workdir: the model_info of its latest checkpoint.
   work = tmp_path / 'work'
   ckpt = ckpt_lib.Checkpointer(str(work / 'checkpoints'), save_every=1, keep=1)
   ckpt.save(3, {'x': np.zeros(2)}, {'model_info': {'tokenizer': spm}}, force=True)
   ckpt.close()
   cfg.init_from = str(work)
-  assert data_setup.tokenizer_path(cfg, built['vqa']) == spm
+  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == spm
   cfg.tokenizer = '/explicit/spm.model'
-  assert data_setup.tokenizer_path(cfg, built['vqa']) == '/explicit/spm.model'
+  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == '/explicit/spm.model'
 
 
 # ------------------------------------------------------------------ end to end

@@ -76,7 +76,7 @@ def run(config_file, data_dir, workdir, **overrides):
 def itm_pretrained(data_dir, tmp_path_factory):
   """(workdir, eval) of the tiny config trained on ITM alone for ITM_STEPS steps."""
   cfg = config_lib.load_config_file(os.path.join(REPO, "configs/uniter_base.py:tiny"))
-  assert cfg.itm_negatives == "balanced" and cfg.loss_weights.itm > 1
+  assert cfg.itm.negatives == "balanced" and cfg.loss_weights.itm > 1
   cfg = config_lib.set_values(cfg, {
       "data_dir": data_dir, "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
       "tasks": {"mlm": 0, "mrfr": 0, "mrc": 0, "mrckl": 0, "itm": 1},

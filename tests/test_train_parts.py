@@ -39,8 +39,9 @@ def test_decay_mask_follows_reference_names():
 
 
 def _opt_cfg(**kw):
-  return ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_steps=1, b1=0.9, b2=0.98,
-                                        eps=1e-6, weight_decay=0.01, grad_clip=1.0, **kw))
+  return ml_collections.ConfigDict(dict(dict(
+      learning_rate=0.1, warmup_steps=1, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01,
+      grad_clip=1.0, frozen=""), **kw))
 
 
 def test_frozen_modules_take_no_update_and_leave_the_clip_norm():

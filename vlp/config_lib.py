@@ -1,8 +1,9 @@
 """Helpers shared by the config files and the entry points.
 
-Config files are loaded by path (ml_collections `config_flags`), so anything they
-share lives here, inside the package, not in a `configs/common.py` that only
-imports when the repo root happens to be on `sys.path`.
+Config files are loaded by path (ml_collections `config_flags`), not imported: the
+repo root need not be on `sys.path`. So a config file reaches the files it builds
+on (configs/base.py, configs/finetune_common.py) through `load_config_file` and
+`load_module` here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ast
 import importlib.util
 import os
 import sys
+from types import ModuleType
 from typing import Any, Mapping, Sequence
 
 import ml_collections
@@ -55,14 +57,21 @@ def _coerce(value: str, default: Any) -> Any:
   return type(default)(parsed)
 
 
-def load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
-  """Loads ``path[:arg]`` the way `config_flags.DEFINE_config_file` does."""
-  path, _, arg = path_and_arg.partition(":")
+def load_module(path: str) -> ModuleType:
+  """Executes the Python file at `path` as a fresh module (a config file or a helper
+  of config files) and returns it."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
   spec = importlib.util.spec_from_file_location("_vlp_config_" + str(abs(hash(path))), path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
+  """Loads ``path[:arg]`` the way `config_flags.DEFINE_config_file` does."""
+  path, _, arg = path_and_arg.partition(":")
+  module = load_module(path)
   return module.get_config(arg or None) if arg else module.get_config()
 
 

@@ -23,7 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding checkpoints/.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  runtime.initialize_from_flags(cpu_devices=_CONFIG.value.get("cpu_devices", 0))
+  runtime.initialize_from_flags(cpu_devices=_CONFIG.value.cpu_devices)
   from vlp.train import loop
   out = loop.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
   print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}))

@@ -6,9 +6,9 @@ r"""Fine-tune for retrieval, VQA or referring-expression grounding.
   python -m vlp.finetune --config=configs/finetune_refcoco.py:data=refcoco_plus ...
 
 Same loop as pretraining (vlp.train.loop): sharding, checkpoints, resume,
-metrics.jsonl, progress; `config.init_from` names a pretraining workdir, an
-exported directory (vlp.export) or an imported UNITER checkpoint
-(vlp.tools.import_uniter).
+metrics.jsonl, progress; `config.job` picks the job and `config.init_from` names
+a pretraining workdir, an exported directory (vlp.export) or an imported UNITER
+checkpoint (vlp.tools.import_uniter).
 """
 
 import sys
@@ -28,7 +28,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Before anything touches the devices.
-  runtime.initialize_from_flags(cpu_devices=_CONFIG.value.get("cpu_devices", 0))
+  runtime.initialize_from_flags(cpu_devices=_CONFIG.value.cpu_devices)
   from vlp.train import loop
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

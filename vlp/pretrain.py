@@ -23,7 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Before anything touches the devices.
-  runtime.initialize_from_flags(cpu_devices=_CONFIG.value.get("cpu_devices", 0))
+  runtime.initialize_from_flags(cpu_devices=_CONFIG.value.cpu_devices)
   from vlp.train import loop
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -57,16 +57,22 @@ class BatchSpec:
     masking.check_itm_options(self.itm_negatives, self.itm_neg_prob)
 
   @classmethod
-  def from_config(cls, config, batch_size: int) -> 'BatchSpec':
-    """The spec of a pretraining or fine-tuning config, `batch_size` rows per batch."""
-    return cls(
-        batch_size=batch_size, max_text_len=config.max_text_len,
-        max_regions=config.max_regions, feature_dim=config.feature_dim,
-        num_region_classes=config.num_region_classes,
-        max_mlm_predictions=config.max_mlm_predictions,
-        max_mrm_predictions=config.max_mrm_predictions, mlm_prob=config.mlm_prob,
-        mrm_prob=config.mrm_prob, itm_neg_prob=config.itm_neg_prob,
-        itm_negatives=config.itm_negatives)
+  def from_config(cls, config, batch_size: int, *, masked: bool = False) -> 'BatchSpec':
+    """The spec of a config, `batch_size` rows per batch.
+
+    `masked`: the batches get the pretraining objectives' masking, whose settings
+    only a pretraining config has (`config.mlm`, `config.mrm`, `config.itm`);
+    fine-tuning batches are never masked and keep the defaults.
+    """
+    geometry = dict(batch_size=batch_size, max_text_len=config.max_text_len,
+                    max_regions=config.max_regions, feature_dim=config.feature_dim,
+                    num_region_classes=config.num_region_classes)
+    if not masked:
+      return cls(**geometry)
+    return cls(**geometry, max_mlm_predictions=config.mlm.max_predictions,
+               max_mrm_predictions=config.mrm.max_predictions, mlm_prob=config.mlm.prob,
+               mrm_prob=config.mrm.prob, itm_neg_prob=config.itm.neg_prob,
+               itm_negatives=config.itm.negatives)
 
   @property
   def mlm_predictions(self) -> int:

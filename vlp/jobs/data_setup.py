@@ -39,12 +39,12 @@ def open_builder(config: ml_collections.ConfigDict):
   return builder
 
 
-def tokenizer_path(config: ml_collections.ConfigDict, builder) -> str:
+def tokenizer_path(config: ml_collections.ConfigDict, builder, *, init_from: str) -> str:
   """The sentencepiece model of a run: `config.tokenizer`, else the one stored with
-  the data (vlp_scenes, Karpathy builds), else the one the `config.init_from`
-  model was trained with (a pretrained directory's tokenizer file, or the
-  `model_info` of a training workdir's checkpoint). The real VQA / RefCOCO builds
-  store none."""
+  the data (vlp_scenes, Karpathy builds), else the one the `init_from` model (a
+  fine-tuning job's `config.init_from`; "" for pretraining, which has none) was
+  trained with (a pretrained directory's tokenizer file, or the `model_info` of a
+  training workdir's checkpoint). The real VQA / RefCOCO builds store none."""
   if config.tokenizer:
     return config.tokenizer
   if config.data == "vlp_scenes":
@@ -52,7 +52,6 @@ def tokenizer_path(config: ml_collections.ConfigDict, builder) -> str:
   stored = os.path.join(os.fspath(builder.data_dir), "spm.model")
   if os.path.exists(stored):
     return stored
-  init_from = config.get("init_from", "")
   if init_from:
     from vlp import pretrained  # Only when needed: it pulls in orbax.
     from_init = pretrained.tokenizer_of(init_from)
@@ -66,8 +65,8 @@ def tokenizer_path(config: ml_collections.ConfigDict, builder) -> str:
       "with (e.g. the spm.model of the coco_karpathy build)")
 
 
-def open_tokenizer(config: ml_collections.ConfigDict, builder) -> Tokenizer:
-  return Tokenizer(tokenizer_path(config, builder))
+def open_tokenizer(config: ml_collections.ConfigDict, builder, *, init_from: str) -> Tokenizer:
+  return Tokenizer(tokenizer_path(config, builder, init_from=init_from))
 
 
 def model_config_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> UniterConfig:

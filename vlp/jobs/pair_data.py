@@ -21,15 +21,21 @@ class PairData:
 
   `feed` says which rows of the global batch this process feeds and into how
   many data shards the batch is cut; the rows decide which shards it builds.
+  `masked`: batches of the kinds 'mlm', 'mrm' and 'itm' as the pretraining
+  config's objectives set them up (`config.mlm`, `config.mrm`, `config.itm`);
+  False (the retrieval job) serves matched pairs only. `init_from`: the model
+  whose tokenizer to fall back on (the retrieval job's `config.init_from`).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, feed: Feed):
+  def __init__(self, config: ml_collections.ConfigDict, feed: Feed, *, masked: bool = True,
+               init_from: str = ""):
     self.config = config
     self.num_shards = feed.num_shards
     self.shards = shards_lib.shards_for_rows(feed.rows, config.batch_size, self.num_shards)
     self.builder = data_setup.open_builder(config)
-    self.tokenizer = data_setup.open_tokenizer(config, self.builder)
-    self.spec = BatchSpec.from_config(config, config.batch_size // self.num_shards)
+    self.tokenizer = data_setup.open_tokenizer(config, self.builder, init_from=init_from)
+    self.spec = BatchSpec.from_config(config, config.batch_size // self.num_shards,
+                                      masked=masked)
 
   def train_iterator(self, kind_for_index, start_index: int = 0):
     its = [pipeline.make_train_iterator(
@@ -55,8 +61,6 @@ class PairData:
 
   @functools.lru_cache(maxsize=None)
   def gallery(self) -> dict:
-    # Fine-tuning configs name the split; pretraining always uses "test".
     return pipeline.load_retrieval_gallery(
-        self.builder, self.spec, tokenizer=self.tokenizer,
-        split=self.config.get("eval_split", "test"),
+        self.builder, self.spec, tokenizer=self.tokenizer, split=self.config.eval_split,
         max_images=self.config.eval_gallery_images or None)

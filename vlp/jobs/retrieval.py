@@ -33,19 +33,13 @@ from vlp.tasks import make_loss_fn
 from vlp.train import evaluation
 from vlp.jobs.base import EvalContext, Feed, Job
 
-_TASK_KWARGS = {
-    "retrieval_ft": ("num_hard_negatives", "margin", "num_anchors"),
-    "distill": ("student_scale", "contrastive_weight"),
-}
-
-
 def make_retrieval_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
-  data = PairData(config, feed)
+  data = PairData(config, feed, masked=False, init_from=config.init_from)
   model_cfg = data_setup.model_config_for(config, data.tokenizer)
   dual = int(config.dual_dim) or None
   names = [k for k, v in config.tasks.items() if float(v) > 0]
-  loss_fns = {n: make_loss_fn(n, **{k: config[k] for k in _TASK_KWARGS.get(n, ())})
-              for n in names}
+  # Each objective's keyword arguments are its config subtree (config.retrieval_ft, ...).
+  loss_fns = {n: make_loss_fn(n, **config[n].to_dict()) for n in names}
   return Job(
       data=data, make_model=functools.partial(UniterForRetrieval, model_cfg, dual_dim=dual),
       loss_fns=loss_fns, batch_kinds={n: None for n in names},  # Plain matched pairs.

@@ -36,7 +36,8 @@ class TaskData:
     self.num_shards = feed.num_shards
     self.shards = shards_lib.shards_for_rows(feed.rows, config.batch_size, self.num_shards)
     self.builder = data_setup.open_builder(config)
-    self.tokenizer = data_setup.open_tokenizer(config, self.builder)
+    self.tokenizer = data_setup.open_tokenizer(config, self.builder,
+                                                init_from=config.init_from)
     self.layout = downstream.layout(self.builder, task)
     self.answers = downstream.answer_vocab(self.builder) if task == "vqa" else None
     self.spec = BatchSpec.from_config(config, config.batch_size // self.num_shards)
@@ -70,7 +71,7 @@ class TaskData:
   def det_builder(self):
     """The build named by `config.det_data_dir` (the same dataset with detector
     regions, for the RefCOCO "det" setting), or None."""
-    det_dir = self.config.get("det_data_dir", "")
+    det_dir = self.config.det_data_dir  # A grounding key: only that job asks.
     if not det_dir:
       return None
     if self.layout != "examples":

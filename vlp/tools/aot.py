@@ -135,8 +135,8 @@ def report(config, devices: Sequence, *, tasks: Sequence[str] | None = None,
   state = abstract_state(state_sh, make_model, tx)
   batch = batch or config.batch_size
   shape_kw = dict(text_len=config.max_text_len, regions=config.max_regions,
-                  mlm_predictions=config.max_mlm_predictions,
-                  mrm_predictions=config.max_mrm_predictions)
+                  mlm_predictions=config.mlm.max_predictions,
+                  mrm_predictions=config.mrm.max_predictions)
   mib = lambda b: round(b / 2**20, 2)
   out: dict[str, Any] = {
       "topology": topology or f"{devices[0].platform}:{len(devices)}",

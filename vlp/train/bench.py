@@ -81,8 +81,8 @@ def run(config, *, tasks: list[str], batch: int, text_len: int, regions: int,
   device = jax.devices()[0]
   peak = flops_lib.peak_flops(device)
   shape_kw = dict(text_len=text_len, regions=regions,
-                  mlm_predictions=config.max_mlm_predictions,
-                  mrm_predictions=config.max_mrm_predictions)
+                  mlm_predictions=config.mlm.max_predictions,
+                  mrm_predictions=config.mrm.max_predictions)
   report: dict[str, Any] = {
       "device": device.device_kind, "platform": device.platform, "num_devices": jax.device_count(),
       "dtype": config.compute_dtype, "model": config.model.size, "params": n_params,

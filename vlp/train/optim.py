@@ -74,7 +74,7 @@ def scale_by_module(multipliers: Mapping[str, float]) -> optax.GradientTransform
 
 def frozen_modules(opt_cfg) -> tuple[str, ...]:
   """Top-level module names in `opt_cfg.frozen` ("uniter,itm_output"; "" = none)."""
-  raw = opt_cfg.get("frozen", "") or ""
+  raw = opt_cfg.frozen or ""
   return tuple(name.strip() for name in str(raw).split(",") if name.strip())
 
 
@@ -106,7 +106,7 @@ def make_optimizer(opt_cfg, total_steps: int, *,
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW per `opt_cfg`; `lr_multipliers` scales top-level modules' learning rates.
 
-  `opt_cfg.frozen` (optional) names top-level modules that are not trained (ALADIN's
+  `opt_cfg.frozen` names top-level modules ("" = none) that are not trained (ALADIN's
   frozen backbone). They get no update (weight decay included), do not count in the
   clipping norm, and hold no optimizer state: AdamW runs inside
   `optax.multi_transform` on the trained modules only, so a frozen backbone costs

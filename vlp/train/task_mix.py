@@ -45,10 +45,12 @@ class BatchKinds:
 
 
 def task_kwargs(config, name: str) -> dict:
-  """Hyper-parameters each objective takes from the config."""
+  """Hyper-parameters each pretraining objective takes from its config subtree (the
+  rest of `config.itm` and `config.mlm` / `config.mrm` shape the batches)."""
   if name == "itm":
-    return dict(wra_weight=config.wra_weight, ot_beta=config.ot_beta,
-                ot_iterations=config.ot_iterations, ot_k=config.ot_k)
+    itm = config.itm
+    return dict(wra_weight=itm.wra_weight, ot_beta=itm.ot.beta,
+                ot_iterations=itm.ot.iterations, ot_k=itm.ot.k)
   return {}
 
 
@@ -60,7 +62,7 @@ def loss_weights(config, names, known) -> dict[str, float]:
   the large ones. ITM near its chance plateau is such a task on the tiny model
   (gradient norm ~0.05 against ~1-2 for MLM), so the tiny config weights it up.
   """
-  weights = dict(config.get("loss_weights") or {})
+  weights = dict(config["loss_weights"])
   unknown = sorted(set(weights) - set(known))
   if unknown:
     raise ValueError(f"config.loss_weights names unknown task(s) {unknown}; "
