@@ -79,7 +79,7 @@ def test_command_line_compiles_base_under_fsdp_for_8_cpu_devices(base_reports):
              XLA_FLAGS="--xla_backend_optimization_level=0")  # Compile time only.
   cmd = [sys.executable, "-m", "vlp.tools.aot", "--config=configs/uniter_base.py",
          "--topology=cpu:8", "--config.sharding=fsdp", "--config.mesh.data=1",
-         "--config.mesh.fsdp=8", "--tasks=mlm", "--batch=8"]
+         "--config.mesh.fsdp=8", "--tasks=mlm", "--config.batch_size=8"]
   p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   lines = p.stdout.strip().splitlines()

@@ -77,13 +77,26 @@ def test_parse_arg_types_and_unknown():
     config_lib.parse_arg("nope=1", size="base")
 
 
-def test_unknown_override_is_a_clear_flag_error():
+# Every command that takes a config starts through vlp.entry.run.
+@pytest.mark.parametrize("module", ["vlp.pretrain", "vlp.finetune", "vlp.evaluate",
+                                    "vlp.bench", "vlp.tools.aot"])
+def test_unknown_override_is_a_clear_flag_error(module):
   proc = subprocess.run(
-      [sys.executable, "-m", "vlp.pretrain", "--config=configs/uniter_base.py:tiny",
-       "--config.no_such_key=3", "--workdir=/tmp/unused"],
+      [sys.executable, "-m", module, "--config=configs/uniter_base.py:tiny",
+       "--config.mlm_prob=0.2", "--workdir=/tmp/unused"],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
-  assert "unknown config key(s) no_such_key" in proc.stderr
+  assert "unknown config key(s) mlm_prob" in proc.stderr, proc.stderr[-2000:]
+  assert "mlm.prob" in proc.stderr  # The valid keys are listed.
+  assert "Traceback" not in proc.stderr
+
+
+def test_bench_refuses_a_fine_tuning_config():
+  proc = subprocess.run(
+      [sys.executable, "-m", "vlp.bench", "--config=configs/finetune_vqa.py:tiny",
+       "--distributed=off"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "vlp.bench times the pretraining tasks" in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
 
 

@@ -7,29 +7,20 @@ Writes WORKDIR/eval_<split>.json (pretraining configs: WORKDIR/eval.json).
 """
 
 import json
-import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from vlp import config_lib
-from vlp.parallel import runtime  # Defines the multi-host flags.
+from vlp import entry
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
-                                          lock_config=True)
+_CONFIG = entry.config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding checkpoints/.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  runtime.initialize_from_flags(cpu_devices=_CONFIG.value.cpu_devices)
+def main(config):
   from vlp.train import loop
-  out = loop.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+  out = loop.evaluate_checkpoint(config, _WORKDIR.value)
   print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}))
 
 
 if __name__ == "__main__":
-  config_lib.check_overrides(sys.argv)
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  entry.run(main, config=_CONFIG, required=["workdir"])

@@ -9,7 +9,9 @@ reference PyTorch names, ``config.json`` and the tokenizer file (see
 `vlp.pretrained`). Load the result with `vlp.load_pretrained(DIR)`.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from vlp import entry
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Pretrained directory to write.")
@@ -19,9 +21,8 @@ _TOKENIZER = flags.DEFINE_string(
 _LOWERCASE = flags.DEFINE_bool("lowercase", False, "A WordPiece --tokenizer is uncased.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(config):
+  del config  # The checkpoint's own record describes the model.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore and save at INFO.
   from vlp import pretrained
@@ -35,5 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  entry.run(main, required=["workdir", "out"])

@@ -11,7 +11,7 @@ r"""Ahead-of-time check: compile the train step for a target topology, no hardwa
       --config.sharding=fsdp --config.mesh.fsdp=16 --config.mesh.data=1 \
       --config.compute_dtype=bfloat16
 
-The mesh, sharding, batch and model come from the config exactly as in
+The mesh, sharding, batch shapes and model come from the config exactly as in
 `vlp.pretrain`; the train step is the one the loop runs (`vlp.train.step`),
 lowered on abstract shapes (nothing is allocated) and compiled by XLA for the
 target devices. Prints, per device: parameter and optimizer-state bytes (exact,
@@ -32,18 +32,15 @@ import sys
 from typing import Any, Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from vlp import config_lib
+from vlp import entry
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
-                                          lock_config=True)
+_CONFIG = entry.config_flag()
 _TOPOLOGY = flags.DEFINE_string(
     "topology", "cpu:8", "cpu:N (N forced host CPU devices) or a TPU topology such as "
     "v5e:4x4, v5p:2x2x2, v4:2x2x2 (compiled for TPU where libtpu is installed, else "
     "one CPU device per chip).")
 _TASKS = flags.DEFINE_list("tasks", None, "Tasks to compile (default: config.tasks).")
-_BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0: config.batch_size).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0: the size's default).")
 _COMPILE = flags.DEFINE_bool("compile", True, "Compile the steps (else: shardings and "
                              "parameter / optimizer bytes only, in seconds).")
@@ -110,9 +107,10 @@ def per_device_bytes(tree: Any) -> int:
 
 
 def report(config, devices: Sequence, *, tasks: Sequence[str] | None = None,
-           batch: int | None = None, vocab_size: int | None = None,
-           compile_steps: bool = True, topology: str | None = None) -> dict[str, Any]:
-  """Compiles each task's train step for `devices`; returns sizes and FLOPs.
+           vocab_size: int | None = None, compile_steps: bool = True,
+           topology: str | None = None) -> dict[str, Any]:
+  """Compiles each task's train step for `devices` at the config's shapes
+  (`config.batch_size` global rows); returns sizes and FLOPs.
 
   `compile_steps=False` only derives the shardings and the parameter and
   optimizer bytes per device (no XLA compilation: seconds even for big models).
@@ -133,10 +131,8 @@ def report(config, devices: Sequence, *, tasks: Sequence[str] | None = None,
   graphdef, state_sh = state_shardings(make_model, tx, mesh=mesh, rules=rules,
                                        sharding_name=config.sharding)
   state = abstract_state(state_sh, make_model, tx)
-  batch = batch or config.batch_size
-  shape_kw = dict(text_len=config.max_text_len, regions=config.max_regions,
-                  mlm_predictions=config.mlm.max_predictions,
-                  mrm_predictions=config.mrm.max_predictions)
+  batch = config.batch_size
+  shape_kw = bench.batch_shapes(config)
   mib = lambda b: round(b / 2**20, 2)
   out: dict[str, Any] = {
       "topology": topology or f"{devices[0].platform}:{len(devices)}",
@@ -151,7 +147,7 @@ def report(config, devices: Sequence, *, tasks: Sequence[str] | None = None,
       "tasks": {}}
   out["params_opt_mib_per_device"] = round(
       out["params_mib_per_device"] + out["opt_state_mib_per_device"], 2)
-  for task in (tasks or [k for k, v in config.tasks.items() if v > 0]) if compile_steps else ():
+  for task in bench.tasks_to_time(config, tasks) if compile_steps else ():
     one = bench.synthetic_batch(TASKS[task].batch_kind, batch=1, cfg=cfg, **shape_kw)
     host = {k: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype) for k, v in one.items()}
     fn = step_lib.make_train_step(graphdef, make_loss_fn(task, **task_kwargs(config, task)),
@@ -203,9 +199,10 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(config):
+  if config.job != "pretrain":
+    raise app.UsageError(f"--config has job {config.job!r}; vlp.tools.aot compiles the "
+                         f"pretraining tasks of a pretraining config (job 'pretrain')")
   try:
     kind, num_cpus = resolve_topology(_TOPOLOGY.value)
     if kind == "cpu":
@@ -216,9 +213,8 @@ def main(argv):
       if num_cpus:
         jax.config.update("jax_num_cpu_devices", num_cpus)
     devices = topology_devices(_TOPOLOGY.value)
-    r = report(_CONFIG.value, devices, tasks=_TASKS.value, batch=_BATCH.value or None,
-               vocab_size=_VOCAB.value or None, compile_steps=_COMPILE.value,
-               topology=_TOPOLOGY.value)
+    r = report(config, devices, tasks=_TASKS.value, vocab_size=_VOCAB.value or None,
+               compile_steps=_COMPILE.value, topology=_TOPOLOGY.value)
   except ValueError as e:  # A topology, mesh or rule table that does not fit.
     sys.exit(f"vlp.tools.aot: {e}")
   print(format_report(r))
@@ -226,6 +222,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_lib.check_overrides(sys.argv)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  # The devices are the --topology's, set up in `main`; no multi-host runtime.
+  entry.run(main, config=_CONFIG, devices=False)

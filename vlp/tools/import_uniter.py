@@ -281,10 +281,9 @@ def import_checkpoint(checkpoint: str, model_config_path: str, out_dir: str, *,
   return config, summary, ignored_fields
 
 
-def main(argv):
-  from absl import app, flags, logging
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def main(config):
+  del config  # The reference's json model config (--model_config) describes the model.
+  from absl import flags, logging
   f = flags.FLAGS
   if not f['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO.
@@ -316,10 +315,9 @@ def _define_flags():
   flags.DEFINE_integer('img_dim', 2048, 'Region feature size.')
   flags.DEFINE_integer('num_region_classes', 1601, 'Detector classes of the MRC head.')
   flags.DEFINE_bool('backbone_only', False, 'Ignore (and list) every head.')
-  flags.mark_flags_as_required(['checkpoint', 'model_config', 'out'])
 
 
 if __name__ == '__main__':
-  from absl import app
+  from vlp import entry  # Here, not at the top: importing the module stays light.
   _define_flags()
-  app.run(main)
+  entry.run(main, required=['checkpoint', 'model_config', 'out'])

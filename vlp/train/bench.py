@@ -1,8 +1,9 @@
 """Train-step benchmark on a fixed synthetic workload.
 
 Times the same jitted, sharded, donated train step the loop uses, one task at a
-time, after warm-up, on batches with fixed shapes (default: the UNITER-base GPU
-workload of 128 examples, 40 text tokens, 36 regions of 2048-d). Reports
+time, after warm-up, on batches of the config's shapes (`batch_size`,
+`max_text_len`, `max_regions` of `feature_dim`, the objectives' prediction slots;
+the README's GPU workload: UNITER-base at 128 examples and 40 text tokens). Reports
 examples/s, step time, model FLOPs per example (analytic, see `flops.py`) and
 XLA's own count, MFU against the device's bf16 peak, and peak device memory.
 """
@@ -57,6 +58,19 @@ def synthetic_batch(kind: str, *, batch: int, text_len: int, regions: int, cfg,
   return b
 
 
+def batch_shapes(config) -> dict:
+  """The static shapes of `config`'s batches: `synthetic_batch`'s and the FLOP
+  count's keyword arguments."""
+  return dict(text_len=config.max_text_len, regions=config.max_regions,
+              mlm_predictions=config.mlm.max_predictions,
+              mrm_predictions=config.mrm.max_predictions)
+
+
+def tasks_to_time(config, tasks: list[str] | None) -> list[str]:
+  """`tasks`, or by default every task `config.tasks` gives a positive ratio."""
+  return list(tasks) if tasks else [k for k, v in config.tasks.items() if v > 0]
+
+
 def model_config_for(config, vocab_size: int | None = None):
   """The model of `config` without its dataset: the size's vocabulary unless given."""
   overrides = {k: v for k, v in config.model.items() if k != "size" and v is not None}
@@ -67,8 +81,11 @@ def model_config_for(config, vocab_size: int | None = None):
   return model_config(config.model.size, **overrides)
 
 
-def run(config, *, tasks: list[str], batch: int, text_len: int, regions: int,
-        steps: int, warmup: int, vocab_size: int | None = None) -> dict[str, Any]:
+def run(config, *, tasks: list[str] | None = None, steps: int, warmup: int,
+        vocab_size: int | None = None) -> dict[str, Any]:
+  """Times each of `tasks` (default: those of config.tasks) at the config's shapes."""
+  batch = config.batch_size
+  shape_kw = batch_shapes(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = sharding_lib.rules_for(config.sharding, mesh)
   cfg = model_config_for(config, vocab_size)
@@ -80,16 +97,14 @@ def run(config, *, tasks: list[str], batch: int, text_len: int, regions: int,
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   device = jax.devices()[0]
   peak = flops_lib.peak_flops(device)
-  shape_kw = dict(text_len=text_len, regions=regions,
-                  mlm_predictions=config.mlm.max_predictions,
-                  mrm_predictions=config.mrm.max_predictions)
   report: dict[str, Any] = {
       "device": device.device_kind, "platform": device.platform, "num_devices": jax.device_count(),
       "dtype": config.compute_dtype, "model": config.model.size, "params": n_params,
-      "batch": batch, "text_len": text_len, "regions": regions, "img_dim": cfg.img_dim,
+      "batch": batch, "text_len": shape_kw["text_len"], "regions": shape_kw["regions"],
+      "img_dim": cfg.img_dim,
       "mesh": dict(mesh.shape), "sharding": config.sharding, "tasks": {}}
   local = global_batch.process_rows(mesh, rules, batch)
-  for task in tasks:
+  for task in tasks_to_time(config, tasks):
     host = synthetic_batch(TASKS[task].batch_kind, batch=batch, cfg=cfg, **shape_kw)
     host = {k: v[local] for k, v in host.items()}
     fn = step_lib.make_train_step(graphdef, make_loss_fn(task, **task_kwargs(config, task)),
