@@ -94,4 +94,18 @@ def get_config(arg=None):
   # Tiny: data-parallel over 2 per-core devices trains ~1.5x faster on 2 cores than
   # one device (vlp/parallel/runtime.py). XLA_FLAGS or JAX_NUM_CPU_DEVICES, if set, win.
   c.cpu_devices = 2 if tiny else 0
+  # A sharding rule that cannot split a parameter dimension (e.g. a vocabulary not
+  # divisible by the tensor axis) leaves it unsplit with a warning naming it; True
+  # makes that an error.
+  c.strict_sharding = False
+
+  # Cluster ergonomics. A persistent XLA compilation cache, so that a restarted job
+  # does not recompile every task's step ("" = JAX's default: off, or the directory
+  # in JAX_COMPILATION_CACHE_DIR, which the launchers set).
+  c.compilation_cache_dir = ""
+  # Trace steps START:STOP-1 (e.g. "100:105") to WORKDIR/profile for TensorBoard's
+  # profile plugin or Perfetto; "" = off.
+  c.profile_steps = ""
+  # TensorBoard event files beside metrics.jsonl (`tensorboard --logdir WORKDIR`).
+  c.tensorboard = True
   return c

@@ -46,6 +46,8 @@ if ! "$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(not u.find
   exit 3
 fi
 export JAX_PLATFORMS="${JAX_PLATFORMS:-tpu}"
+# Persistent XLA compilation cache: a restarted job does not recompile every step.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/vlp_jax}"
 
 module=vlp.pretrain
 if [[ $# -gt 0 && "$1" != -* ]]; then module="$1"; shift; fi

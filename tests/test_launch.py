@@ -27,7 +27,8 @@ def _fake_bin(tmp_path, name):
   bin_dir.mkdir(exist_ok=True)
   record = tmp_path / f"{name}.txt"
   script = bin_dir / name
-  script.write_text(f'#!/bin/bash\necho "JAX_PLATFORMS=$JAX_PLATFORMS $*" > {record}\n')
+  script.write_text(f'#!/bin/bash\necho "JAX_PLATFORMS=$JAX_PLATFORMS '
+                    f'CACHE=$JAX_COMPILATION_CACHE_DIR $*" > {record}\n')
   script.chmod(0o755)
   return bin_dir, record
 
@@ -62,7 +63,7 @@ def test_slurm_launcher_runs_on_cuda_only(tmp_path):
                   PYTHONPATH=_stub_package(tmp_path, "jax_cuda12_plugin")))
   assert out.returncode == 0, out.stdout
   line = record.read_text()
-  assert line.startswith("JAX_PLATFORMS=cuda ")
+  assert line.startswith(f"JAX_PLATFORMS=cuda CACHE={REPO}/.jax_cache ")
   assert "-m vlp.pretrain --distributed=on --config=configs/uniter_base.py" in line
 
 
@@ -74,9 +75,10 @@ def test_tpu_worker_needs_libtpu(tmp_path, libtpu):
   python = venv / "bin" / "python"
   # The worker's python: records its JAX_PLATFORMS and module instead of running it.
   python.write_text(f'#!/bin/bash\nif [[ "$1" == -c ]]; then exec {sys.executable} "$@"; fi\n'
-                    f'echo "JAX_PLATFORMS=$JAX_PLATFORMS $*" > {tmp_path}/python.txt\n')
+                    f'echo "JAX_PLATFORMS=$JAX_PLATFORMS CACHE=$JAX_COMPILATION_CACHE_DIR $*" '
+                    f'> {tmp_path}/python.txt\n')
   python.chmod(0o755)
-  env = dict(VENV=str(venv))
+  env = dict(VENV=str(venv), JAX_COMPILATION_CACHE_DIR="/cache")
   if libtpu:
     env["PYTHONPATH"] = _stub_package(tmp_path, "libtpu")
   out = _run(["bash", TPU_WORKER, "--config=configs/uniter_base.py"], env)
@@ -86,4 +88,4 @@ def test_tpu_worker_needs_libtpu(tmp_path, libtpu):
   else:
     assert out.returncode == 0, out.stdout
     assert (tmp_path / "python.txt").read_text().startswith(
-        "JAX_PLATFORMS=tpu -m vlp.pretrain --config=configs/uniter_base.py")
+        "JAX_PLATFORMS=tpu CACHE=/cache -m vlp.pretrain --config=configs/uniter_base.py")

@@ -88,13 +88,55 @@ def _losses(workdir):
   return out
 
 
+def _events(workdir) -> dict[tuple[str, int], float]:
+  """(tag, step) -> value of every scalar in the run's event files. The TFRecord
+  framing (length, crc, data, crc) is read here; the payload is an Event proto."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for name in os.listdir(workdir):
+    if not name.startswith("events.out.tfevents."):
+      continue
+    data = open(os.path.join(workdir, name), "rb").read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        out[(v.tag, event.step)] = v.simple_value
+  return out
+
+
+def _check_tensorboard_and_profile(workdir, losses):
+  # Every logged loss and the last evaluation are in the TensorBoard event files.
+  events = _events(workdir)
+  for step, (task, loss) in losses.items():
+    assert events[(f"loss/{task}", step)] == pytest.approx(loss, rel=1e-6)
+  with open(workdir / "eval.json") as f:
+    ev = json.load(f)
+  assert events[("eval/mlm_acc", 8)] == pytest.approx(ev["mlm_acc"], rel=1e-6)
+  # Steps 2 and 3 were traced: an XLA trace for TensorBoard and one for Perfetto
+  # that holds the train step's computation.
+  import glob
+  import gzip
+  runs = glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*"))
+  assert len(runs) == 1, runs
+  assert glob.glob(os.path.join(runs[0], "*.xplane.pb"))
+  (trace,) = glob.glob(os.path.join(runs[0], "*.trace.json.gz"))
+  names = {e.get("name", "") for e in json.load(gzip.open(trace))["traceEvents"]}
+  assert any("train_step" in n for n in names), sorted(names)[:50]
+
+
 def test_resume_after_interruption_matches_uninterrupted(data_dir, tmp_path, monkeypatch):
   overrides = {"total_steps": 8, "log_every": 1, "checkpoint_every": 3, "eval_every": 100,
                "tasks": {"mlm": 1, "mrfr": 1, "itm": 1}}
   ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-  loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(ref_dir), devices=ONE)
+  loop.train_and_evaluate(tiny_config(data_dir, profile_steps="2:4", **overrides),
+                          str(ref_dir), devices=ONE)
   ref = _losses(ref_dir)
   assert sorted(ref) == list(range(1, 9))  # One line per step with log_every=1.
+  _check_tensorboard_and_profile(ref_dir, ref)
 
   # Interrupt after step 5 through the pre-emption path, then restart.
   real = loop._Preemption

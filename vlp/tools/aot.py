@@ -129,7 +129,8 @@ def report(config, devices: Sequence, *, tasks: Sequence[str] | None = None,
   make_model = functools.partial(UniterForPretraining, cfg)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   graphdef, state_sh = state_shardings(make_model, tx, mesh=mesh, rules=rules,
-                                       sharding_name=config.sharding)
+                                       sharding_name=config.sharding,
+                                       strict=config.strict_sharding)
   state = abstract_state(state_sh, make_model, tx)
   batch = config.batch_size
   shape_kw = bench.batch_shapes(config)

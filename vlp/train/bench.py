@@ -93,7 +93,8 @@ def run(config, *, tasks: list[str] | None = None, steps: int, warmup: int,
   make_model = functools.partial(UniterForPretraining, cfg)
   with logical.activate(mesh, rules):
     graphdef, state, state_sh = create_train_state(
-        make_model, tx, seed=0, mesh=mesh, rules=rules, sharding_name=config.sharding)
+        make_model, tx, seed=0, mesh=mesh, rules=rules, sharding_name=config.sharding,
+                                                        strict=config.strict_sharding)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   device = jax.devices()[0]
   peak = flops_lib.peak_flops(device)

@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from vlp import checkpoint as ckpt_lib
 from vlp.parallel import global_batch, mesh as mesh_lib, sharding as sharding_lib
 from vlp.parallel import logical, preemption as preemption_lib
-from vlp.train import metrics as metrics_lib, optim, step as step_lib
+from vlp.train import metrics as metrics_lib, optim, profiling, step as step_lib
 from vlp import jobs
 from vlp.data import shards as shards_lib
 from vlp.jobs.base import EvalContext, Feed, JobFactory
@@ -54,6 +54,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   run use a subset, e.g. a one-device reference inside an 8-device test process.
   """
   os.makedirs(workdir, exist_ok=True)
+  if config.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.rules_for(config.sharding, mesh)
   metrics_lib.log(f"process {jax.process_index()}/{jax.process_count()}, "
@@ -72,7 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if latest is not None:
     # Straight into the current shardings: no throw-away init, whatever mesh wrote it.
     graphdef, state_sh = state_shardings(make_model, tx, mesh=mesh, rules=rules,
-                                         sharding_name=config.sharding)
+                                         sharding_name=config.sharding,
+                                         strict=config.strict_sharding)
     state, meta = ckpt.restore(latest, abstract_state(state_sh, make_model, tx))
     start_step, data_state = int(state.step), meta.get("data_state")
     metrics_lib.log(f"resumed from {ckpt.directory} at step {start_step}")
@@ -82,7 +85,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with logical.activate(mesh, rules):
       graphdef, state, state_sh = create_train_state(
           make_model, tx, seed=config.seed, mesh=mesh, rules=rules,
-          sharding_name=config.sharding)
+          sharding_name=config.sharding,
+          strict=config.strict_sharding)
     if job.init_params is not None:
       # Read straight into the shardings the fresh parameters have.
       state = state.replace(params=job.init_params(state.params))
@@ -126,23 +130,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       compiled=eval_compiled)
     out = job.evaluate(params, ctx)
     metrics_lib.write_json(os.path.join(workdir, job.eval_file), out)
-    metrics_lib.MetricWriter(workdir, "eval_history.jsonl").write(out)
+    eval_writer.write(out)
     metrics_lib.log("eval step {}: ".format(step) + ", ".join(
         f"{k}={v:.2f}" for k, v in out.items() if isinstance(v, float)))
     return out
 
   eval_on = config.eval_every > 0  # eval_every <= 0 turns evaluation off.
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
+  eval_writer = metrics_lib.MetricWriter(workdir, "eval_history.jsonl",
+                                         tensorboard=config.tensorboard, tag_prefix="eval/")
+  profiler = profiling.StepProfiler(config.profile_steps, workdir)
   progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
   preemption = _Preemption()
   last_eval: dict[str, Any] = {}
   step = start_step
-  with logical.activate(mesh, rules), contextlib.closing(preemption):
+  with (logical.activate(mesh, rules), contextlib.closing(preemption),
+        contextlib.closing(profiler), contextlib.closing(writer),
+        contextlib.closing(eval_writer)):
     while step < config.total_steps:
       task = mix.task(step)
       host_batch = next(train_iter)
+      profiler.before(step + 1)
       state, metrics = step_for(task, host_batch)(state, to_global(host_batch))
       step += 1
+      profiler.after(step, state)
       if step % config.log_every == 0 or step == config.total_steps:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics_lib.check_finite(values, step)
@@ -206,7 +217,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first "
                             "(python -m vlp.pretrain / vlp.finetune with this --workdir)")
   graphdef, state_sh = state_shardings(job.make_model, tx, mesh=mesh, rules=rules,
-                                       sharding_name=config.sharding)
+                                       sharding_name=config.sharding,
+                                       strict=config.strict_sharding)
   state, _ = ckpt.restore(latest, abstract_state(state_sh, job.make_model, tx))
   ckpt.close()
 

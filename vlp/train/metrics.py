@@ -1,5 +1,7 @@
-"""Metrics output: `WORKDIR/metrics.jsonl` (one JSON object per log step), progress
-lines with throughput and ETA, and a NaN guard. Only process 0 writes."""
+"""Metrics output: `WORKDIR/metrics.jsonl` (one JSON object per log step) and, with
+`config.tensorboard`, TensorBoard event files beside it (`tensorboard --logdir
+WORKDIR`); progress lines with throughput and ETA, and a NaN guard. Only process 0
+writes."""
 
 from __future__ import annotations
 
@@ -20,20 +22,55 @@ def _plain(v: Any) -> Any:
   return v
 
 
-class MetricWriter:
-  """Appends JSON lines; a resumed run continues the same file."""
+def scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+  """The numeric leaves of a (nested) record, keyed by their '/'-joined path."""
+  out: dict[str, float] = {}
+  for k, v in record.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(scalars(v, key + "/"))
+    elif isinstance(v, (bool, np.bool_)) or v is None:
+      continue
+    elif isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(float(v)):
+      out[key] = float(v)
+  return out
 
-  def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+
+class MetricWriter:
+  """Appends JSON lines; a resumed run continues the same file.
+
+  With `tensorboard`, every numeric value also goes to an event file in the same
+  folder (tag = key, nested keys joined by '/', under `tag_prefix`), at `step`.
+  """
+
+  def __init__(self, workdir: str, filename: str = "metrics.jsonl", *,
+               tensorboard: bool = False, tag_prefix: str = ""):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, filename)
+    self.tag_prefix = tag_prefix
+    self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
+        self._tb = SummaryWriter(workdir, filename_suffix=f".{filename.split('.')[0]}")
 
   def write(self, record: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+    if self._tb is not None:
+      step = int(record["step"])
+      for tag, value in scalars({k: v for k, v in record.items() if k != "step"},
+                                self.tag_prefix).items():
+        self._tb.add_scalar(tag, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
 
 
 def write_json(path: str, obj: Any) -> None:

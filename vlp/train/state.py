@@ -40,7 +40,7 @@ def split_abstract(make_model: Callable[[nnx.Rngs], nnx.Module]):
 
 
 def state_shardings(make_model, tx: optax.GradientTransformation, *, mesh: Mesh, rules,
-                    sharding_name: Any = "dp"):
+                    sharding_name: Any = "dp", strict: bool = False):
   """(graphdef, TrainState of NamedShardings), from abstract shapes only.
 
   Optimizer leaves that mirror a parameter (Adam's mu, nu) take its sharding
@@ -49,7 +49,7 @@ def state_shardings(make_model, tx: optax.GradientTransformation, *, mesh: Mesh,
   the state can be fed back as `in_shardings`.
   """
   graphdef, abstract_params = split_abstract(make_model)
-  p_sh = sharding_lib.param_shardings(abstract_params, mesh, rules)
+  p_sh = sharding_lib.param_shardings(abstract_params, mesh, rules, strict=strict)
   abstract_pure = nnx.to_pure_dict(abstract_params)
   sharding_lib.check_sufficiently_sharded(abstract_pure, p_sh, sharding_name, mesh, rules)
   replicated = NamedSharding(mesh, P())
@@ -62,10 +62,10 @@ def state_shardings(make_model, tx: optax.GradientTransformation, *, mesh: Mesh,
 
 
 def create_train_state(make_model, tx: optax.GradientTransformation, *, seed: int,
-                       mesh: Mesh, rules, sharding_name: Any = "dp"):
+                       mesh: Mesh, rules, sharding_name: Any = "dp", strict: bool = False):
   """Returns (graphdef, state, state_shardings), every leaf created sharded."""
   graphdef, state_sh = state_shardings(make_model, tx, mesh=mesh, rules=rules,
-                                       sharding_name=sharding_name)
+                                       sharding_name=sharding_name, strict=strict)
 
   def init(key):
     params_key, train_key = jax.random.split(key)
