@@ -9,8 +9,8 @@ import ml_collections
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
-import vlp.data.builders  # noqa: F401  (registers the real-dataset builders)
 from vlp.data import scenes
+import vlp.data.builders  # noqa: F401  (registers the real-dataset builders)
 from vlp.data.tokenizer import Tokenizer
 from vlp.models.uniter_config import UniterConfig, model_config
 

@@ -15,8 +15,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from vlp.parallel import global_batch, sharding as sharding_lib
 from vlp.jobs.base import EvalContext
+from vlp.parallel import global_batch, sharding as sharding_lib
 
 
 @dataclasses.dataclass(frozen=True)

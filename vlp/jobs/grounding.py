@@ -19,13 +19,13 @@ import time
 import ml_collections
 import numpy as np
 
-from vlp.jobs import base, data_setup, eval_batches
-from vlp.jobs.task_data import TaskData
 from vlp.evaluators import grounding as grounding_eval
+from vlp.jobs import base, data_setup, eval_batches
+from vlp.jobs.base import EvalContext, Feed, Job
+from vlp.jobs.task_data import TaskData
 from vlp.models.downstream import UniterForGrounding
 from vlp.tasks import make_loss_fn
 from vlp.train import metrics as metrics_lib
-from vlp.jobs.base import EvalContext, Feed, Job
 
 
 def make_grounding_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:

@@ -14,12 +14,11 @@ from typing import Any
 
 import ml_collections
 
-from vlp.jobs import data_setup, eval_batches
+from vlp.jobs import data_setup, eval_batches, pair_scoring
 from vlp.jobs.base import EvalContext, Feed, Job
 from vlp.jobs.pair_data import PairData
 from vlp.models.pretraining import UniterForPretraining
 from vlp.tasks import TASKS, make_loss_fn
-from vlp.train import evaluation
 from vlp.train.task_mix import loss_weights, task_kwargs, weighted
 
 
@@ -48,14 +47,14 @@ def evaluate_pretraining(params: Any, ctx: EvalContext, *, data) -> dict[str, An
   out: dict[str, Any] = {"step": ctx.step}
   for task, key in (("mlm", "mlm_acc"), ("itm", "itm_acc")):
     loss_fn = ctx.loss_fns.get(task) or make_loss_fn(task)
-    fn = ctx.jit(("eval", task), lambda: evaluation.jit_eval_step(ctx.graphdef, loss_fn))
-    m = evaluation.mean_metrics(fn, params, data.eval_batches(TASKS[task].batch_kind),
+    fn = ctx.jit(("eval", task), lambda: pair_scoring.jit_eval_step(ctx.graphdef, loss_fn))
+    m = pair_scoring.mean_metrics(fn, params, data.eval_batches(TASKS[task].batch_kind),
                                 ctx.to_global)
     out[key] = m.get(key)
     out[f"val_loss/{task}"] = m.get(f"loss/{task}")
   rows = eval_batches.eval_rows(ctx)
-  out.update(evaluation.zero_shot_retrieval(
-      ctx.jit("score", lambda: evaluation.jit_score_step(ctx.graphdef)), params, data.gallery(),
+  out.update(pair_scoring.zero_shot_retrieval(
+      ctx.jit("score", lambda: pair_scoring.jit_score_step(ctx.graphdef)), params, data.gallery(),
       rows.size, ctx.to_global, rows=rows.rows))
   out["eval_seconds"] = time.perf_counter() - t0
   return out

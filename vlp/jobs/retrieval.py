@@ -25,13 +25,12 @@ import time
 import ml_collections
 import numpy as np
 
-from vlp.jobs import base, data_setup, eval_batches
-from vlp.jobs.pair_data import PairData
 from vlp.evaluators import retrieval as retrieval_eval
+from vlp.jobs import base, data_setup, eval_batches, pair_scoring
+from vlp.jobs.base import EvalContext, Feed, Job
+from vlp.jobs.pair_data import PairData
 from vlp.models.downstream import UniterForRetrieval
 from vlp.tasks import make_loss_fn
-from vlp.train import evaluation
-from vlp.jobs.base import EvalContext, Feed, Job
 
 def make_retrieval_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
   data = PairData(config, feed, masked=False, init_from=config.init_from)
@@ -68,10 +67,10 @@ def evaluate_retrieval(params, ctx: EvalContext, *, data) -> dict:
                "num_captions": int(gallery["input_ids"].shape[0])}
   rows = eval_batches.eval_rows(ctx)
   score = functools.partial(
-      evaluation.score_pairs, eval_batches.forward_fn(ctx, _rank), params, gallery,
+      pair_scoring.score_pairs, eval_batches.forward_fn(ctx, _rank), params, gallery,
       batch_size=rows.size, to_global=ctx.to_global, rows=rows.rows)
   t0 = time.perf_counter()
-  matrix = score(*evaluation.all_pairs(gallery)).reshape(out["num_images"], -1)
+  matrix = score(*pair_scoring.all_pairs(gallery)).reshape(out["num_images"], -1)
   full = retrieval_eval.recall_at_k(matrix, gallery["txt2img"])
   out["full"] = dict(full, pairs_scored=matrix.size, seconds=time.perf_counter() - t0)
   out.update(full)  # Top-level R@K: the full ranking.
@@ -95,7 +94,7 @@ def _vectors(params, ctx, rows: eval_batches.EvalRows, gallery, which: str) -> n
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
     other = np.zeros_like(idx)  # The other modality's row is ignored by encode_<which>.
-    batch, real = evaluation.pair_batch(gallery, idx if which == "image" else other,
+    batch, real = pair_scoring.pair_batch(gallery, idx if which == "image" else other,
                                         idx if which == "text" else other, batch_size)
     local = {k: v[rows.rows] for k, v in batch.items()}
     out.append(np.asarray(eval_batches.run_forward(fn, params, local, ctx))[:real])

@@ -25,13 +25,12 @@ import ml_collections
 import numpy as np
 
 from vlp.data import downstream, scenes
-from vlp.jobs import base, data_setup, eval_batches
-from vlp.jobs.task_data import TaskData
 from vlp.evaluators import vqa as vqa_eval
+from vlp.jobs import base, data_setup, eval_batches
+from vlp.jobs.base import EvalContext, Feed, Job
+from vlp.jobs.task_data import TaskData
 from vlp.models.downstream import UniterForVqa
 from vlp.tasks import make_loss_fn
-
-from vlp.jobs.base import EvalContext, Feed, Job
 
 
 def make_vqa_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:

@@ -30,12 +30,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vlp import checkpoint as ckpt_lib
-from vlp.parallel import global_batch, mesh as mesh_lib, sharding as sharding_lib
-from vlp.parallel import logical, preemption as preemption_lib
-from vlp.train import metrics as metrics_lib, optim, profiling, step as step_lib
 from vlp import jobs
 from vlp.data import shards as shards_lib
 from vlp.jobs.base import EvalContext, Feed, JobFactory
+from vlp.parallel import global_batch, mesh as mesh_lib, sharding as sharding_lib
+from vlp.parallel import logical, preemption as preemption_lib
+from vlp.train import metrics as metrics_lib, optim, profiling, step as step_lib
 from vlp.train.state import abstract_state, create_train_state, state_shardings
 from vlp.train.task_mix import BatchKinds, TaskMix
 

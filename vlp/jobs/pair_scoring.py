@@ -1,4 +1,4 @@
-"""Periodic pretraining evaluation.
+"""Scoring image-caption pairs and held-out task metrics, for pretraining and retrieval.
 
 * Held-out MLM accuracy and ITM accuracy: the task losses run deterministically
   on a fixed set of validation batches (masking seeded independently of training).
@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlp.parallel import global_batch
 from vlp.evaluators import retrieval
+from vlp.parallel import global_batch
 from vlp.train import step as step_lib
 
 
