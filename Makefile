@@ -49,12 +49,13 @@ two-stage: $(VENV)/.installed
 
 # Two pytest-xdist workers, each taking whole files (module fixtures such as the learning
 # bars' pretrained checkpoint are built once); tests/conftest.py starts the longest files
-# first. Most tests are single-threaded XLA compilation, so on 2 cores this about halves
+# first (--no-loadscope-reorder keeps that order). Most tests are single-threaded XLA
+# compilation, so on 2 cores this about halves
 # the suite's time. TEST_WORKERS=0 runs in this process, one test at a time.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed-torch
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) workdir

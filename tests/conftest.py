@@ -48,7 +48,7 @@ def full_optimization():
 # follow in their usual order.
 SLOWEST_FIRST = (
     "test_learning_bars.py",  # ~185 s
-    "test_multiprocess_eval.py",
+    "test_multiprocess_eval.py",  # ~120 s
     "test_multiprocess.py",  # ~40-80 s
     "test_finetune.py",
     "test_distributed.py",
