@@ -52,7 +52,7 @@ VOCAB = (['[PAD]', '[unused0]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '[unused1]'
           'hello', '##s', '中', '[', ']', 'mask', '##a'])
 
 
-def _cfg(**kw):
+def small_cfg(**kw):
   return model_config('tiny', **{**SMALL, **kw})
 
 
@@ -68,7 +68,7 @@ def _batch(seed=0):
       img_pos=rng.random((B, K, 7)).astype(np.float32), img_mask=img_mask)
 
 
-def _random_params(make, seed=0):
+def random_params(make, seed=0):
   """Pure param dict of `make`'s model with random values (LN scales around 1)."""
   rng = np.random.default_rng(seed)
   flat = pretrained.flatten(pretrained.abstract_params(make))
@@ -77,7 +77,7 @@ def _random_params(make, seed=0):
       for p, s in flat.items()})
 
 
-def _model(make, params):
+def model_with(make, params):
   model = nnx.eval_shape(lambda: make(rngs=nnx.Rngs(0)))
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
@@ -89,7 +89,7 @@ def _encode(model, batch):
   return model.encode(batch)
 
 
-def _outputs(model):
+def outputs_of(model):
   return jax.tree.map(np.asarray, _encode(model, _batch()))
 
 
@@ -97,7 +97,7 @@ def _model_params(model):
   return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def _assert_same_params(model, expected):
+def assert_same_params(model, expected):
   got = _model_params(model)
   want = pretrained.flatten(expected)
   assert set(got) == set(want)
@@ -106,7 +106,7 @@ def _assert_same_params(model, expected):
     np.testing.assert_array_equal(got[p], want[p], err_msg=str(p))
 
 
-def _reference_state_dict(params, heads, *, prefix=True):
+def reference_state_dict(params, heads, *, prefix=True):
   """What the reference `state_dict()` holds, written by hand from the name table."""
   flat = pretrained.flatten(params)
   fix = lambda a, how: np.ascontiguousarray(a.T if how == 'transpose' else a)
@@ -137,19 +137,19 @@ def _write_spm(path):
   return str(path)
 
 
-PRETRAIN = lambda rngs: UniterForPretraining(_cfg(), rngs=rngs)
-BACKBONE = lambda rngs: pretrained.UniterEncoder(_cfg(), rngs=rngs)
+PRETRAIN = lambda rngs: UniterForPretraining(small_cfg(), rngs=rngs)
+BACKBONE = lambda rngs: pretrained.UniterEncoder(small_cfg(), rngs=rngs)
 HEADS = ('cls', 'feat_regress', 'region_classifier', 'itm_output')
 
 
 @pytest.fixture(scope='module')
 def pretrain_params():
-  return _random_params(PRETRAIN, seed=1)
+  return random_params(PRETRAIN, seed=1)
 
 
 @pytest.fixture(scope='module')
 def pretrain_outputs(pretrain_params):
-  return _outputs(_model(PRETRAIN, pretrain_params))
+  return outputs_of(model_with(PRETRAIN, pretrain_params))
 
 
 # --------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_import_gives_identical_params_and_outputs(tmp_path, pretrain_params,
   # With the prefix: a UniterForPretraining state dict; without: a bare UniterModel.
   heads = HEADS if prefix else ()
   params = pretrain_params if prefix else {'uniter': pretrain_params['uniter']}
-  sd = {k: v.astype(dtype) for k, v in _reference_state_dict(params, heads,
+  sd = {k: v.astype(dtype) for k, v in reference_state_dict(params, heads,
                                                              prefix=prefix).items()}
   # Hand-written spot checks that the names and the transposes are the reference's.
   pre = 'uniter.' if prefix else ''
@@ -180,23 +180,23 @@ def test_import_gives_identical_params_and_outputs(tmp_path, pretrain_params,
   assert summary.heads == heads and ignored == []
   assert summary.source_dtypes == {np.dtype(dtype).name: len(sd)}
   assert config['heads'] == list(heads)
-  assert config['model_config'] == dataclasses.asdict(_cfg())
+  assert config['model_config'] == dataclasses.asdict(small_cfg())
 
   model, tok = vlp.load_pretrained(str(out))
   assert type(model).__name__ == ('UniterForPretraining' if prefix else 'UniterEncoder')
   expected = jax.tree.map(lambda x: x.astype(dtype).astype(np.float32), params)
-  _assert_same_params(model, expected)
+  assert_same_params(model, expected)
   make = PRETRAIN if prefix else BACKBONE
   same = dtype == np.float32 and prefix
-  want = pretrain_outputs if same else _outputs(_model(make, expected))
-  got = _outputs(model)
+  want = pretrain_outputs if same else outputs_of(model_with(make, expected))
+  got = outputs_of(model)
   for key in ('sequence', 'pooled') + (('itm_logits',) if prefix else ()):
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   assert isinstance(tok, WordPieceTokenizer) and tok.vocab_size == len(VOCAB)
   assert tok.encode('Hello, world!') == [14, 8, 15, 7]
   # model.safetensors: the reference names (with uniter.) and the imported values.
   back = load_file(str(out / 'model.safetensors'))
-  ref = _reference_state_dict(expected, heads)
+  ref = reference_state_dict(expected, heads)
   ref.pop('cls.predictions.decoder.bias', None)  # Not written: no parameter of its own.
   assert set(back) == set(ref)
   for k in ref:
@@ -209,7 +209,7 @@ def _convert(sd, **kw):
 
 
 def test_import_accepts_wrappers_old_names_and_lists_ignored_keys(pretrain_params):
-  sd = _reference_state_dict(pretrain_params, HEADS)
+  sd = reference_state_dict(pretrain_params, HEADS)
   sd = {k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias',
                                                                   'LayerNorm.beta'): v
         for k, v in sd.items()}
@@ -228,14 +228,14 @@ def test_import_accepts_wrappers_old_names_and_lists_ignored_keys(pretrain_param
   for p in want:
     np.testing.assert_array_equal(flat[p], want[p])
   # --backbone_only: every head is listed as ignored; the backbone is unchanged.
-  params, summary = _convert(_reference_state_dict(pretrain_params, HEADS),
+  params, summary = _convert(reference_state_dict(pretrain_params, HEADS),
                              backbone_only=True)
   assert summary.heads == () and list(params) == ['uniter']
   assert 'itm_output.weight' in summary.ignored and 'cls.predictions.bias' in summary.ignored
 
 
 def test_import_errors_list_unknown_missing_and_misshaped_keys(pretrain_params):
-  good = _reference_state_dict(pretrain_params, HEADS)
+  good = reference_state_dict(pretrain_params, HEADS)
   sd = dict(good)
   sd['uniter.encoder.layer.2.output.dense.weight'] = np.zeros((32, 64), np.float32)
   sd['foo.bar'] = np.zeros(3, np.float32)
@@ -268,7 +268,7 @@ def test_uniter_json_config_mapping():
   cfg, ignored = import_uniter.uniter_config(
       dict(UNITER_JSON, architectures=['X'], output_past=True), img_dim=24,
       num_region_classes=7)
-  assert cfg == _cfg(hidden_dropout=0.1, attention_dropout=0.1)
+  assert cfg == small_cfg(hidden_dropout=0.1, attention_dropout=0.1)
   assert ignored == ['architectures', 'output_past']
   assert import_uniter.uniter_config(
       {k: v for k, v in UNITER_JSON.items() if k != 'type_vocab_size'})[0].img_dim == 2048
@@ -287,7 +287,7 @@ def workdir(tmp_path_factory):
   """A workdir with two checkpoints of a real (sharded) train state, as the loop writes."""
   root = tmp_path_factory.mktemp('wd')
   spm_path = _write_spm(root / 'spm.model')
-  cfg = _cfg(vocab_size=Tokenizer(spm_path).vocab_size)
+  cfg = small_cfg(vocab_size=Tokenizer(spm_path).vocab_size)
   mesh = mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   rules = sharding_lib.rules_for('dp', mesh)
   make = lambda rngs: UniterForPretraining(cfg, rngs=rngs)
@@ -323,9 +323,9 @@ def test_export_then_load_pretrained_is_identical(workdir, exported):
                                           'spm.model']
   model, tok = vlp.load_pretrained(exported)
   assert isinstance(model, UniterForPretraining)
-  _assert_same_params(model, workdir['params'])
-  want = _outputs(_model(workdir['make'], workdir['params']))
-  got = _outputs(model)
+  assert_same_params(model, workdir['params'])
+  want = outputs_of(model_with(workdir['make'], workdir['params']))
+  got = outputs_of(model)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   assert isinstance(tok, Tokenizer)
@@ -336,7 +336,7 @@ def test_export_then_load_pretrained_is_identical(workdir, exported):
   assert meta['heads'] == list(HEADS)
   # model.safetensors with plain numpy: reference names, torch layouts, same values.
   back = load_file(os.path.join(exported, 'model.safetensors'))
-  ref = _reference_state_dict(workdir['params'], HEADS)
+  ref = reference_state_dict(workdir['params'], HEADS)
   ref.pop('cls.predictions.decoder.bias')
   assert set(back) == set(ref)
   for k in ref:
@@ -344,7 +344,7 @@ def test_export_then_load_pretrained_is_identical(workdir, exported):
   # Overrides of non-shape fields apply; the parameters stay.
   bf16, _ = vlp.load_pretrained(exported, dtype='bfloat16')
   assert bf16.cfg.dtype == 'bfloat16'
-  _assert_same_params(bf16, workdir['params'])
+  assert_same_params(bf16, workdir['params'])
   with pytest.raises(ValueError, match=r'mis-shaped \(1\): uniter/embeddings/'
                      r'position_embeddings/embedding: expected \(8, 32\), got \(16, 32\)'):
     vlp.load_pretrained(exported, max_position_embeddings=8)
@@ -362,7 +362,7 @@ def test_load_params_for_init_from_workdir_export_and_import(workdir, exported, 
   want = pretrained.flatten(workdir['params'])
   # An imported directory of the same parameters (via their torch names).
   ckpt = tmp_path / 'ref.safetensors'
-  save_file(_reference_state_dict(workdir['params'], HEADS), str(ckpt))
+  save_file(reference_state_dict(workdir['params'], HEADS), str(ckpt))
   (tmp_path / 'cfg.json').write_text(json.dumps(dict(UNITER_JSON,
                                                      vocab_size=cfg.vocab_size)))
   import_uniter.import_checkpoint(str(ckpt), str(tmp_path / 'cfg.json'),
@@ -378,7 +378,7 @@ def test_load_params_for_init_from_workdir_export_and_import(workdir, exported, 
   # The target lives replicated on the 8-device mesh; loaded leaves must land there too.
   vqa = lambda rngs: UniterForVqa(cfg, num_answers=5, rngs=rngs)
   replicated = NamedSharding(mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}), P())
-  fresh = jax.device_put(_random_params(vqa, seed=3), replicated)
+  fresh = jax.device_put(random_params(vqa, seed=3), replicated)
   merged, report = pretrained.merge_params(fresh, loaded)
   assert report == dict(loaded=['uniter'], fresh=['vqa_output'],
                         unused=['cls', 'feat_regress', 'itm_output', 'region_classifier'],
@@ -389,7 +389,7 @@ def test_load_params_for_init_from_workdir_export_and_import(workdir, exported, 
     np.testing.assert_array_equal(np.asarray(got[p]), expect, err_msg=str(p))
     assert got[p].sharding == replicated, p
   # A head of another size: an error listing it, or (strict_heads=False) left fresh.
-  other = _random_params(lambda rngs: UniterForVqa(cfg, num_answers=7, rngs=rngs), seed=4)
+  other = random_params(lambda rngs: UniterForVqa(cfg, num_answers=7, rngs=rngs), seed=4)
   with pytest.raises(ValueError, match=r"(?s)loaded 'vqa_output' .*mis-shaped \(2\): "
                      r'vqa_output/3/bias: expected \(5,\), got \(7,\)'):
     pretrained.merge_params(fresh, other)

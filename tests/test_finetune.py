@@ -127,7 +127,7 @@ def test_grounding_accuracy_matches_numpy(pretrained_dir, tmp_path):
 def test_retrieval_rank_head_from_itm(pretrained_dir, tmp_path):
   params = {"itm_output": {"kernel": np.arange(8.0).reshape(4, 2), "bias": np.array([1.0, 2.0])},
             "rank_output": {"kernel": np.zeros((4, 1)), "bias": np.zeros(1)}}
-  out = retrieval_job._rank_from_itm(params, {"fresh": ["rank_output"],
+  out = retrieval_job.rank_from_itm(params, {"fresh": ["rank_output"],
                                               "loaded": ["itm_output"]})
   np.testing.assert_array_equal(out["rank_output"]["kernel"][:, 0], [1.0, 3.0, 5.0, 7.0])
   np.testing.assert_array_equal(out["rank_output"]["bias"], [2.0])

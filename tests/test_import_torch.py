@@ -30,8 +30,8 @@ from vlp import pretrained  # noqa: E402
 from vlp.models.pretraining import UniterForPretraining  # noqa: E402
 from vlp.tools import import_uniter  # noqa: E402
 from test_export_import import (  # noqa: E402  The tiny model and the name helpers.
-    HEADS, PRETRAIN, UNITER_JSON, _assert_same_params, _cfg, _model, _outputs,
-    _random_params, _reference_state_dict)
+    HEADS, PRETRAIN, UNITER_JSON, assert_same_params, small_cfg, model_with, outputs_of,
+    random_params, reference_state_dict)
 
 ENV = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
 # Tied duplicates -> the tensor they are in the reference's state_dict() (same storage).
@@ -50,11 +50,11 @@ ROUNDING_ATOL = {'float16': 20 * 2.0**-11, 'bfloat16': 20 * 2.0**-8}
 
 @pytest.fixture(scope='module')
 def source(tmp_path_factory):
-  params = _random_params(PRETRAIN, seed=1)
+  params = random_params(PRETRAIN, seed=1)
   model_json = tmp_path_factory.mktemp('torch') / 'uniter-tiny.json'
   model_json.write_text(json.dumps(UNITER_JSON))
-  return dict(params=params, outputs=_outputs(_model(PRETRAIN, params)),
-              sd=_reference_state_dict(params, HEADS), json=str(model_json))
+  return dict(params=params, outputs=outputs_of(model_with(PRETRAIN, params)),
+              sd=reference_state_dict(params, HEADS), json=str(model_json))
 
 
 def _torch_state_dict(sd, dtype='float32'):
@@ -121,16 +121,16 @@ def test_pt_import_gives_identical_params_and_outputs(tmp_path, source, dtype, w
         jax.tree.leaves(rounded), jax.tree.leaves(source['params'])))
   model, tok = vlp.load_pretrained(str(out))
   assert isinstance(model, UniterForPretraining) and tok is None
-  _assert_same_params(model, rounded)
-  got = _outputs(model)
-  exact = source['outputs'] if dtype == 'float32' else _outputs(_model(PRETRAIN, rounded))
+  assert_same_params(model, rounded)
+  got = outputs_of(model)
+  exact = source['outputs'] if dtype == 'float32' else outputs_of(model_with(PRETRAIN, rounded))
   for key in ('sequence', 'pooled', 'itm_logits'):
     np.testing.assert_array_equal(got[key], exact[key], err_msg=key)
     if dtype != 'float32':
       np.testing.assert_allclose(got[key], source['outputs'][key], rtol=0,
                                  atol=ROUNDING_ATOL[dtype], err_msg=key)
   if cli:  # What fine-tuning's --config.init_from reads: the same parameters.
-    loaded = pretrained.flatten(vlp.load_params_for_init(str(out), _cfg()))
+    loaded = pretrained.flatten(vlp.load_params_for_init(str(out), small_cfg()))
     want = pretrained.flatten(rounded)
     assert set(loaded) == set(want)
     for p in want:

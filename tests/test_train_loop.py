@@ -139,15 +139,15 @@ def test_resume_after_interruption_matches_uninterrupted(data_dir, tmp_path, mon
   _check_tensorboard_and_profile(ref_dir, ref)
 
   # Interrupt after step 5 through the pre-emption path, then restart.
-  real = loop._Preemption
+  real = loop.Preemption
 
   class StopAt5(real):
     def should_stop(self, step):
       return step >= 5
 
-  monkeypatch.setattr(loop, "_Preemption", StopAt5)
+  monkeypatch.setattr(loop, "Preemption", StopAt5)
   loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(run_dir), devices=ONE)
-  monkeypatch.setattr(loop, "_Preemption", real)
+  monkeypatch.setattr(loop, "Preemption", real)
   assert 5 in [int(s) for s in os.listdir(run_dir / "checkpoints") if s.isdigit()]
   assert max(_losses(run_dir)) == 5
   result = loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(run_dir), devices=ONE)

@@ -43,13 +43,13 @@ def make_retrieval_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
       data=data, make_model=functools.partial(UniterForRetrieval, model_cfg, dual_dim=dual),
       loss_fns=loss_fns, batch_kinds={n: None for n in names},  # Plain matched pairs.
       evaluate=functools.partial(evaluate_retrieval, data=data),
-      init_params=base.init_params_fn(config, model_cfg, after=_rank_from_itm),
+      init_params=base.init_params_fn(config, model_cfg, after=rank_from_itm),
       eval_file=f"eval_{config.eval_split}.json",
       model_info=base.model_info(UniterForRetrieval, model_cfg, data.tokenizer,
                                    dual_dim=dual))
 
 
-def _rank_from_itm(params: dict, report: dict) -> dict:
+def rank_from_itm(params: dict, report: dict) -> dict:
   """A checkpoint without a ranking head starts it from the ITM match row, as UNITER does."""
   if "rank_output" in report["fresh"] and "itm_output" in report["loaded"]:
     itm = params["itm_output"]

@@ -41,7 +41,7 @@ from vlp.train.task_mix import BatchKinds, TaskMix
 
 
 # SIGTERM -> a checkpoint and a clean exit, at the same step on every host.
-_Preemption = preemption_lib.PreemptionWatch
+Preemption = preemption_lib.PreemptionWatch
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -141,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                          tensorboard=config.tensorboard, tag_prefix="eval/")
   profiler = profiling.StepProfiler(config.profile_steps, workdir)
   progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
-  preemption = _Preemption()
+  preemption = Preemption()
   last_eval: dict[str, Any] = {}
   step = start_step
   with (logical.activate(mesh, rules), contextlib.closing(preemption),
