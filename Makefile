@@ -16,7 +16,9 @@ $(VENV)/.installed: requirements.txt setup.cfg
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
-# Tests only: PyTorch (CPU) for the .pt import tests; see requirements-torch.txt.
+# Tests only: PyTorch (CPU) for the .pt import tests; see requirements-torch.txt. The
+# tests also install libtpu (requirements-tpu.txt): XLA's TPU compiler, so that
+# vlp.tools.aot's TPU path is tested on any machine (no TPU needed).
 $(VENV)/.installed-torch: $(VENV)/.installed requirements-torch.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-torch.txt
 	touch $@
@@ -54,7 +56,7 @@ two-stage: $(VENV)/.installed
 # the suite's time. TEST_WORKERS=0 runs in this process, one test at a time.
 TEST_WORKERS ?= 2
 
-test: $(VENV)/.installed-torch
+test: $(VENV)/.installed-torch $(VENV)/.installed-tpu
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 clean:

@@ -17,6 +17,8 @@ launcher are in test_multiprocess.py; the AOT memory report in test_aot.py.
 """
 
 import functools
+import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -164,6 +166,28 @@ def test_cpu_devices_split_the_host_unless_the_environment_chose():
                        capture_output=True, text=True, timeout=120, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split()[-1] == "3"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None or runtime.on_cloud_tpu()
+                    or bool(glob.glob("/dev/nvidia[0-9]*")),
+                    reason="needs libtpu installed (`make test` does) on a machine without "
+                           "TPU or GPU")
+def test_an_installed_libtpu_stays_unloaded_on_a_machine_without_a_tpu():
+  assert runtime.skip_absent_tpu({"JAX_PLATFORMS": ""}) is None  # An explicit choice wins.
+  code = ("from vlp.parallel import runtime; print(runtime.skip_absent_tpu()); "
+          "import jax; print(jax.devices()[0].platform)")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
+                                   capture_output=True, text=True, timeout=120)
+  fixed = run(env)
+  assert fixed.returncode == 0, fixed.stderr[-2000:]
+  assert fixed.stdout.split() == ["cpu", "cpu"]
+  assert "TPU" not in fixed.stderr, fixed.stderr
+  # Left to JAX, libtpu is loaded, finds no TPU and says so on stderr.
+  left = run(dict(env, JAX_PLATFORMS=""))
+  assert left.returncode == 0, left.stderr[-2000:]
+  assert left.stdout.split() == ["None", "cpu"]
+  assert "TPU" in left.stderr
 
 
 def test_process_rows_and_data_shards():

@@ -74,7 +74,9 @@ def test_tpu_worker_needs_libtpu(tmp_path, libtpu):
   (venv / ".vlp_ready").write_text("")  # An installed worker: no pip run here.
   python = venv / "bin" / "python"
   # The worker's python: records its JAX_PLATFORMS and module instead of running it.
-  python.write_text(f'#!/bin/bash\nif [[ "$1" == -c ]]; then exec {sys.executable} "$@"; fi\n'
+  # Its checks run without site-packages (-S): libtpu is then found only where the
+  # test puts a stub, not in the test's own environment (`make test` installs it).
+  python.write_text(f'#!/bin/bash\nif [[ "$1" == -c ]]; then exec {sys.executable} -S "$@"; fi\n'
                     f'echo "JAX_PLATFORMS=$JAX_PLATFORMS CACHE=$JAX_COMPILATION_CACHE_DIR $*" '
                     f'> {tmp_path}/python.txt\n')
   python.chmod(0o755)

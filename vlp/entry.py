@@ -8,7 +8,8 @@
 `run` checks the `--config.*` overrides against the config file before absl
 parses them (an unknown key is a flag error that lists the valid keys, not a
 traceback), marks the required flags, refuses stray positional arguments, and,
-before anything touches the devices, splits the CPU platform into
+before anything touches the devices, keeps JAX off an installed libtpu where
+there is no TPU (`runtime.skip_absent_tpu`), splits the CPU platform into
 `config.cpu_devices` devices and starts the multi-host runtime (the flags of
 `vlp.parallel.runtime`). Then it calls `main(config)` (None for a command
 without a config).
@@ -49,6 +50,7 @@ def run(main: Callable[[ml_collections.ConfigDict | None], None], *,
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = config.value if config is not None else None
+    runtime.skip_absent_tpu()
     if devices:
       runtime.initialize_from_flags(cpu_devices=cfg.cpu_devices if cfg is not None else 0)
     main(cfg)

@@ -72,6 +72,25 @@ def on_cloud_tpu(env: Mapping[str, str] = os.environ) -> bool:
   return has_libtpu and bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def skip_absent_tpu(env: Mapping[str, str] = os.environ) -> str | None:
+  """Makes the CPU JAX's platform where libtpu is installed but there is no TPU.
+
+  Left to choose, JAX starts every backend it knows at the first device query,
+  TPU included whenever libtpu is installed (the AOT check and `make test`
+  install it): it loads libtpu's 700 MB library, whose failed probe prints an
+  error line and warnings about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES
+  and costs about 0.1 s. On a machine without TPU or NVIDIA device files, and
+  with JAX_PLATFORMS unset, this picks the CPU before that happens. A TPU VM, a
+  GPU machine and an explicit JAX_PLATFORMS (even empty) are left to JAX. Must
+  run before anything touches the devices; returns the platform it set, or None.
+  """
+  if ("JAX_PLATFORMS" in env or importlib.util.find_spec("libtpu") is None
+      or on_cloud_tpu(env) or glob.glob("/dev/nvidia[0-9]*")):
+    return None
+  jax.config.update("jax_platforms", "cpu")
+  return "cpu"
+
+
 def wants_initialize(mode: str, num_processes: int | None,
                      env: Mapping[str, str] = os.environ) -> bool:
   if mode not in ("auto", "on", "off"):
