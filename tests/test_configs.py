@@ -70,6 +70,20 @@ def test_tiny_and_sizes():
   assert base.feature_dim == 2048 and tiny.feature_dim == 64
 
 
+def test_large_is_set_up_for_a_pod():
+  # Its mesh keeps the sharding's promise: fsdp over every device, not fsdp=1 (which
+  # would make the fsdp preset plain data parallelism).
+  import jax
+  from vlp.parallel import mesh as mesh_lib, sharding as sharding_lib
+  large = config_lib.load_config_file(os.path.join(REPO, "configs/uniter_large.py"))
+  assert large.compute_dtype == "bfloat16" and large.sharding == "fsdp"
+  for n in (8, 4):
+    mesh = mesh_lib.make_mesh(large.mesh, jax.devices()[:n])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": n, "tensor": 1}
+    assert sharding_lib.promises_param_sharding(sharding_lib.rules_for(large.sharding, mesh),
+                                                mesh)
+
+
 def test_parse_arg_types_and_unknown():
   a = config_lib.parse_arg("tiny,steps=3", size="base", steps=10)
   assert a.size == "tiny" and a.steps == 3 and isinstance(a.steps, int)
