@@ -49,11 +49,11 @@ two-stage: $(VENV)/.installed
 	$(PY) -m vlp.finetune --config=configs/finetune_retrieval.py:size=tiny,data=vlp_scenes,stage=dual --workdir=$(WORKDIR)/ft_retrieval_dual --config.data_dir=$(DATA_DIR) --config.init_from=$(WORKDIR)/ft_retrieval
 	$(PY) -m vlp.tools.demo_table $(WORKDIR)
 
-# Two pytest-xdist workers, each taking whole files (module fixtures such as the learning
-# bars' pretrained checkpoint are built once); tests/conftest.py starts the longest files
-# first (--no-loadscope-reorder keeps that order). Most tests are single-threaded XLA
-# compilation, so on 2 cores this about halves
-# the suite's time. TEST_WORKERS=0 runs in this process, one test at a time.
+# Two pytest-xdist workers, each taking whole files (a module's fixtures, such as the
+# learning bars' pretrained checkpoint, are built once); tests/conftest.py lists the
+# longest files first and --no-loadscope-reorder keeps that order. One test process
+# keeps about one core busy (mostly single-threaded XLA compilation), so on 2 cores two
+# workers finish in about half the time. TEST_WORKERS=0 runs the tests in one process.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed-torch $(VENV)/.installed-tpu
