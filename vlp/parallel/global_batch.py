@@ -20,17 +20,22 @@ from jax.sharding import Mesh, NamedSharding
 from vlp.parallel import sharding as sharding_lib
 
 
+def _row_sharding(mesh: Mesh, rules, global_size: int) -> NamedSharding:
+  """The sharding of a [global_size] batch axis, checked to split evenly."""
+  pieces = sharding_lib.batch_shard_count(mesh, rules)
+  if global_size % pieces:
+    raise ValueError(f"global batch {global_size} does not split into the {pieces} pieces "
+                     f"of the batch sharding over mesh {dict(mesh.shape)}")
+  return NamedSharding(mesh, sharding_lib.batch_spec(mesh, rules, 1))
+
+
 def process_rows(mesh: Mesh, rules, global_size: int) -> np.ndarray:
   """Sorted indices of the global batch rows this process must feed.
 
   Derived from the batch sharding itself rather than from `jax.process_index()`,
   so it stays right for any device order the mesh picks.
   """
-  pieces = sharding_lib.batch_shard_count(mesh, rules)
-  if global_size % pieces:
-    raise ValueError(f"global batch {global_size} does not split into the {pieces} pieces "
-                     f"of the batch sharding over mesh {dict(mesh.shape)}")
-  sharding = NamedSharding(mesh, sharding_lib.batch_spec(mesh, rules, 1))
+  sharding = _row_sharding(mesh, rules, global_size)
   rows: set[int] = set()
   for index in sharding.addressable_devices_indices_map((global_size,)).values():
     rows.update(range(global_size)[index[0]])
@@ -40,11 +45,7 @@ def process_rows(mesh: Mesh, rules, global_size: int) -> np.ndarray:
 def row_owners(mesh: Mesh, rules, global_size: int) -> list[frozenset[int]]:
   """For every row of the global batch, the processes that feed it (the same on
   every host: read off the sharding of all devices)."""
-  pieces = sharding_lib.batch_shard_count(mesh, rules)
-  if global_size % pieces:
-    raise ValueError(f"global batch {global_size} does not split into the {pieces} pieces "
-                     f"of the batch sharding over mesh {dict(mesh.shape)}")
-  sharding = NamedSharding(mesh, sharding_lib.batch_spec(mesh, rules, 1))
+  sharding = _row_sharding(mesh, rules, global_size)
   owners: list[set[int]] = [set() for _ in range(global_size)]
   for device, index in sharding.devices_indices_map((global_size,)).items():
     for r in range(global_size)[index[0]]:
