@@ -162,8 +162,9 @@ class Batcher:
       out['image_id'][i] = r['image_id']
     return out
 
-  def __call__(self, positions: np.ndarray, stats: dict) -> dict:
-    b, n, index = self.spec.batch_size, len(positions), self.index
+  def __call__(self, positions: np.ndarray, stats: dict, rows: int | None = None) -> dict:
+    """The batch of `positions`, padded to `rows` rows (default `spec.batch_size`)."""
+    b, n, index = rows or self.spec.batch_size, len(positions), self.index
     if n > b:
       raise ValueError(f'{n} examples do not fit a batch of {b}')
     records = self.images.read(index.image_rows(positions))
@@ -171,24 +172,24 @@ class Batcher:
     out.update(self.regions(records, b))
     out['example_mask'] = np.arange(b) < n
     if index.task == 'vqa':
-      out.update(self._vqa_targets(positions))
+      out.update(self._vqa_targets(positions, b))
     elif index.task == 're':
-      out.update(self._re_targets(positions, records))
+      out.update(self._re_targets(positions, records, b))
     return out
 
-  def _ids(self, positions) -> np.ndarray:
-    ids = np.full((self.spec.batch_size,), -1, np.int64)
+  def _ids(self, positions, b: int) -> np.ndarray:
+    ids = np.full((b,), -1, np.int64)
     ids[:len(positions)] = self.index.ids[positions]
     return ids
 
-  def _vqa_targets(self, positions) -> dict:
-    targets = np.zeros((self.spec.batch_size, self.num_answers), np.float32)
+  def _vqa_targets(self, positions, b: int) -> dict:
+    targets = np.zeros((b, self.num_answers), np.float32)
     for i, p in enumerate(positions):
       targets[i, self.index.labels[p]] = self.index.scores[p]
-    return {'vqa_targets': targets, 'question_id': self._ids(positions)}
+    return {'vqa_targets': targets, 'question_id': self._ids(positions, b)}
 
-  def _re_targets(self, positions, records) -> dict:
-    b, k, n = self.spec.batch_size, self.spec.max_regions, len(positions)
+  def _re_targets(self, positions, records, b: int) -> dict:
+    k, n = self.spec.max_regions, len(positions)
     img_boxes = np.zeros((b, k, 4), np.float32)
     for i, r in enumerate(records):
       m = min(len(r['boxes']), k)
@@ -198,7 +199,7 @@ class Batcher:
     gt_box = np.zeros((b, 4), np.float32)
     gt_box[:n] = self.index.gt_box[positions]
     return {'img_boxes': img_boxes, 'target_region': target, 'gt_box': gt_box,
-            'ref_id': self._ids(positions)}
+            'ref_id': self._ids(positions, b)}
 
 
 def apply_kind(batch: dict, kind: str | None, rng: np.random.Generator, spec: BatchSpec,

@@ -93,3 +93,35 @@ class ImageRecords:
     for name, (dtype, tail) in self.layout.items():
       out[name] = records.array(feature[name], dtype, tail)
     return out
+
+
+class ConcatRecords:
+  """Several splits of one dataset read as one list of image records (e.g. COCO's
+  `train+restval`): rows of the first split, then of the next, and so on.
+
+  Offers what batches read of `ImageRecords`: name, split (the splits joined by
+  '+'), feature_dim, num_classes, len() and read().
+  """
+
+  def __init__(self, parts: list[ImageRecords]):
+    if not parts:
+      raise ValueError('ConcatRecords needs at least one split')
+    self.parts = list(parts)
+    first = self.parts[0]
+    self.name, self.feature_dim = first.name, first.feature_dim
+    self.num_classes = first.num_classes
+    self.split = '+'.join(p.split for p in self.parts)
+    self._starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+  def __len__(self):
+    return int(self._starts[-1])
+
+  def read(self, indices) -> list[dict]:
+    indices = np.asarray(indices, np.int64)
+    which = np.searchsorted(self._starts, indices, side='right') - 1
+    out: list = [None] * len(indices)
+    for j in np.unique(which):
+      sel = np.flatnonzero(which == j)
+      for i, record in zip(sel, self.parts[j].read(indices[sel] - self._starts[j])):
+        out[i] = record
+    return out

@@ -6,36 +6,49 @@ import os
 
 import jax
 import ml_collections
-import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
-from vlp.data import scenes
-import vlp.data.builders  # noqa: F401  (registers the real-dataset builders)
+from vlp.data import mixture, prepared, scenes
 from vlp.data.tokenizer import Tokenizer
 from vlp.models.uniter_config import UniterConfig, model_config
 
 
 def open_builder(config: ml_collections.ConfigDict):
-  """The prepared tfds builder for `config.data` (vlp_scenes is built on demand)."""
-  if config.data == "vlp_scenes":
-    if jax.process_index() == 0:
-      builder = scenes.prepare_scenes(config.data_dir, feature_dim=config.feature_dim,
-                                      size=config.data_size)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("vlp_scenes prepared")
-    if jax.process_index() != 0:
-      builder = scenes.prepare_scenes(config.data_dir, feature_dim=config.feature_dim,
-                                      size=config.data_size)
-    return builder
-  try:
-    builder = tfds.builder(config.data, data_dir=config.data_dir)
-  except Exception as e:  # tfds raises several types for unknown names.
-    raise ValueError(f"config.data={config.data!r}: no such dataset under "
-                     f"config.data_dir={config.data_dir!r} ({e})") from e
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"dataset {config.data!r} is not prepared under {config.data_dir!r}; "
-        f"run `python -m vlp.data.prepare --dataset={config.data} ...` first")
+  """The prepared tfds builder of `config.data`, one dataset (`NAME` or
+  `NAME/CONFIG`; vlp_scenes is built on demand). Mixtures are for `open_mixture`."""
+  parts = mixture.parse(config.data)
+  if len(parts) > 1 or ":" in config.data:
+    raise ValueError(f"config.data={config.data!r} is a mixture or names splits; this job "
+                     "reads one dataset (NAME or NAME/CONFIG) and chooses its splits itself")
+  return _open_part(config, parts[0])
+
+
+def open_mixture(config: ml_collections.ConfigDict, *, default_split: str = "train"):
+  """`[(part, builder)]` of the datasets and splits `config.data` mixes
+  (`vlp.data.mixture`; one dataset is a mixture of one part)."""
+  parts = mixture.parse(config.data, default_split=default_split)
+  builders = {}
+  for part in parts:  # each dataset once, however many parts read it
+    key = (part.dataset, part.config)
+    if key not in builders:
+      builders[key] = _open_part(config, part)
+  return [(part, builders[(part.dataset, part.config)]) for part in parts]
+
+
+def _open_part(config: ml_collections.ConfigDict, part: mixture.Part):
+  if part.dataset != "vlp_scenes":
+    return prepared.open_prepared(part.dataset, part.config, config.data_dir)
+  if part.config:
+    raise ValueError(f"config.data={config.data!r}: vlp_scenes takes no build name; its "
+                     "build follows config.feature_dim and config.data_size")
+  if jax.process_index() == 0:
+    builder = scenes.prepare_scenes(config.data_dir, feature_dim=config.feature_dim,
+                                    size=config.data_size)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("vlp_scenes prepared")
+  if jax.process_index() != 0:
+    builder = scenes.prepare_scenes(config.data_dir, feature_dim=config.feature_dim,
+                                    size=config.data_size)
   return builder
 
 

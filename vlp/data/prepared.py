@@ -1,0 +1,59 @@
+"""Which build of a dataset a run reads: the builder config prepared under data_dir.
+
+`vlp.data.prepare` names each build after its storage choices (`float16`,
+`float16_c1601` with soft labels, ...; vlp.data.builders.region_base), while
+`tfds.builder(NAME)` opens the builder's default config whether or not that one
+was built. `open_prepared(NAME)` opens the one build there is; with several it
+lists them and the exact `--config.data=NAME/CONFIG` to choose one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow_datasets as tfds
+
+import vlp.data.builders  # noqa: F401  (registers the real-dataset builders)
+
+
+def prepared_configs(name: str, data_dir: str) -> list[str]:
+  """The builder configs of `name` with a finished build under `data_dir`
+  (`<data_dir>/<name>/<config>/<version>/dataset_info.json`), sorted."""
+  root = os.path.join(os.fspath(data_dir), name)
+  if not os.path.isdir(root):
+    return []
+  found = []
+  for config in sorted(os.listdir(root)):
+    config_dir = os.path.join(root, config)
+    if not os.path.isdir(config_dir):
+      continue
+    if any(os.path.exists(os.path.join(config_dir, v, 'dataset_info.json'))
+           for v in os.listdir(config_dir)):
+      found.append(config)
+  return found
+
+
+def open_prepared(name: str, config: str, data_dir: str):
+  """The prepared builder of dataset `name`, build `config` ('' = the only one)."""
+  where = f'config.data_dir={os.fspath(data_dir)!r}'
+  prepare = f'python -m vlp.data.prepare --dataset={name} --data_dir=... ...'
+  if name not in tfds.list_builders() and not prepared_configs(name, data_dir):
+    raise ValueError(f'config.data names {name!r}: no such dataset (known: vlp_scenes, '
+                     f'{", ".join(sorted(vlp.data.builders.BUILDERS))}) and nothing of '
+                     f'that name under {where}')
+  builds = prepared_configs(name, data_dir)
+  if not config:
+    if not builds:
+      raise FileNotFoundError(f'dataset {name!r} is not prepared under {where}; run `{prepare}`'
+                              ' first')
+    if len(builds) > 1:
+      flags = ' or '.join(f'--config.data={name}/{b}' for b in builds)
+      raise ValueError(f'dataset {name!r} has {len(builds)} prepared builds under {where}: '
+                       f'{", ".join(builds)}; choose one with {flags}')
+    config = builds[0]
+  elif config not in builds:
+    raise FileNotFoundError(
+        f'build {name}/{config} is not prepared under {where}; prepared builds of {name!r}: '
+        f'{", ".join(builds) or "none"}' + (f' (use --config.data={name}/{builds[0]})'
+                                            if len(builds) == 1 else ''))
+  return tfds.builder(f'{name}/{config}', data_dir=os.fspath(data_dir))
