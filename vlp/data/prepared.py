@@ -13,7 +13,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-import vlp.data.builders  # noqa: F401  (registers the real-dataset builders)
+from vlp.data import builders  # registers the real-dataset builders
 
 
 def prepared_configs(name: str, data_dir: str) -> list[str]:
@@ -37,9 +37,9 @@ def open_prepared(name: str, config: str, data_dir: str):
   """The prepared builder of dataset `name`, build `config` ('' = the only one)."""
   where = f'config.data_dir={os.fspath(data_dir)!r}'
   prepare = f'python -m vlp.data.prepare --dataset={name} --data_dir=... ...'
-  if name not in tfds.list_builders() and not prepared_configs(name, data_dir):
+  if name not in builders.BUILDERS and not prepared_configs(name, data_dir):
     raise ValueError(f'config.data names {name!r}: no such dataset (known: vlp_scenes, '
-                     f'{", ".join(sorted(vlp.data.builders.BUILDERS))}) and nothing of '
+                     f'{", ".join(sorted(builders.BUILDERS))}) and nothing of '
                      f'that name under {where}')
   builds = prepared_configs(name, data_dir)
   if not config:
