@@ -38,6 +38,7 @@ BUTD_FIELDS = ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features
 _ALIASES = {'img_id': 'image_id', 'img_w': 'image_w', 'img_h': 'image_h'}
 _REQUIRED = ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features')
 _DIGITS = re.compile(r'(\d+)(?!.*\d)')
+_PART = re.compile(r'^(.*\.tsv)(?:\.(\d+))?$')
 
 
 def parse_image_id(text: str) -> int:
@@ -51,18 +52,28 @@ def parse_image_id(text: str) -> int:
   return int(m.group(1))
 
 
-def expand_paths(spec: str, suffix: str = '.tsv') -> list[str]:
-  """Files named by a comma list of files, directories (all *suffix) or globs."""
+def _part_order(path: str):
+  """Sort key: `x.tsv`, `x.tsv.0`, `x.tsv.1`, ..., `x.tsv.10` (numbers, not text)."""
+  m = _PART.match(path)
+  return (m.group(1), -1) if m.group(2) is None else (m.group(1), int(m.group(2)))
+
+
+def expand_paths(spec: str) -> list[str]:
+  """Files named by a comma list of files, directories or globs. A directory gives
+  its `*.tsv` files and the parts `*.tsv.0`, `*.tsv.1`, ... that generate_tsv.py
+  writes with several GPUs (the public adaptive `trainval/` ships its train split
+  so); each part is a TSV of its own images."""
   paths = []
   for part in [p for p in spec.split(',') if p]:
     if os.path.isdir(part):
-      found = sorted(glob.glob(os.path.join(part, f'*{suffix}')))
+      found = sorted((p for p in glob.glob(os.path.join(part, '*.tsv*'))
+                      if _PART.match(p) and os.path.isfile(p)), key=_part_order)
     elif any(c in part for c in '*?['):
       found = sorted(glob.glob(part))
     else:
       found = [part] if os.path.exists(part) else []
     if not found:
-      raise FileNotFoundError(f'feature TSV {part!r}: no such file (or no *{suffix} in it)')
+      raise FileNotFoundError(f'feature TSV {part!r}: no such file (or no *.tsv, *.tsv.N in it)')
     paths.extend(found)
   return paths
 
