@@ -203,8 +203,13 @@ class Batcher:
 
 
 def apply_kind(batch: dict, kind: str | None, rng: np.random.Generator, spec: BatchSpec,
-               ids: masking.TokenIds, stats: dict | None = None) -> dict:
-  """Builds the task batch of `kind` ('mlm' | 'mrm' | 'itm'; None = plain batch)."""
+               ids: masking.TokenIds, stats: dict | None = None, *,
+               inplace: bool = False) -> dict:
+  """Builds the task batch of `kind` ('mlm' | 'mrm' | 'itm'; None = plain batch).
+
+  `inplace`: `batch` was built for this call, so MRM and ITM may change its arrays
+  instead of copying them (the largest costs of a 100-region batch otherwise).
+  """
   if kind is None:
     return batch
   if kind == 'mlm':
@@ -212,10 +217,11 @@ def apply_kind(batch: dict, kind: str | None, rng: np.random.Generator, spec: Ba
                                   max_predictions=spec.mlm_predictions, stats=stats)
   if kind == 'mrm':
     return masking.make_mrm_batch(batch, rng, prob=spec.mrm_prob,
-                                  max_predictions=spec.mrm_predictions, stats=stats)
+                                  max_predictions=spec.mrm_predictions, stats=stats,
+                                  inplace=inplace)
   if kind == 'itm':
     return masking.make_itm_batch(batch, rng, neg_prob=spec.itm_neg_prob,
-                                  negatives=spec.itm_negatives, stats=stats)
+                                  negatives=spec.itm_negatives, stats=stats, inplace=inplace)
   raise ValueError(f'unknown batch kind {kind!r}; expected one of {masking.BATCH_KINDS}')
 
 

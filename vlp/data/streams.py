@@ -126,7 +126,7 @@ class TrainBatchFn(EpochShuffle):
     if self.kind_for_index is not None:
       batch = apply_kind(batch, self.kind_for_index(index),
                          masking_rng(self.seed, index, self.process_index),
-                         self.batcher.spec, self.batcher.token_ids, stats)
+                         self.batcher.spec, self.batcher.token_ids, stats, inplace=True)
     self.add_stats(stats)
     return batch
 
@@ -279,7 +279,7 @@ class EvalDataset:
       example[:len(positions)] = positions
       batch['example_index'] = example  # before masking: ITM moves it with its text
       parts.append(apply_kind(batch, self.kind, masking_rng(self.seed, index, shard), spec,
-                              self.batcher.token_ids))
+                              self.batcher.token_ids, inplace=True))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def __iter__(self):
