@@ -137,9 +137,10 @@ class Batcher:
     return {'input_ids': input_ids, 'txt_mask': txt_mask}
 
   def regions(self, records, rows: int) -> dict:
-    """Image fields padded to K regions, for `rows` rows (records fill the first ones)."""
+    """Image fields padded to K regions, for `rows` rows (records fill the first ones;
+    they may come from several splits or datasets of the same feature size)."""
     spec, images = self.spec, self.images
-    k, c_stored = spec.max_regions, images.num_classes
+    k = spec.max_regions
     out = {
         'img_feat': np.zeros((rows, k, spec.feature_dim), np.float16),
         'img_pos': np.zeros((rows, k, 7), np.float32),
@@ -157,24 +158,29 @@ class Batcher:
       out['img_feat'][i, :m] = feats[:m]
       out['img_pos'][i, :m] = r['img_pos'][:m]
       out['img_mask'][i, :m] = True
-      if c_stored:
-        out['soft_labels'][i, :m, :c_stored] = r['soft_labels'][:m]
+      labels = r.get('soft_labels')
+      if labels is not None:
+        out['soft_labels'][i, :m, :labels.shape[-1]] = labels[:m]
       out['image_id'][i] = r['image_id']
     return out
 
-  def __call__(self, positions: np.ndarray, stats: dict, rows: int | None = None) -> dict:
-    """The batch of `positions`, padded to `rows` rows (default `spec.batch_size`)."""
-    b, n, index = rows or self.spec.batch_size, len(positions), self.index
+  def __call__(self, positions: np.ndarray, stats: dict) -> dict:
+    b, n, index = self.spec.batch_size, len(positions), self.index
     if n > b:
       raise ValueError(f'{n} examples do not fit a batch of {b}')
     records = self.images.read(index.image_rows(positions))
-    out = self.text(index.texts_of(positions, records), b, stats)
-    out.update(self.regions(records, b))
-    out['example_mask'] = np.arange(b) < n
+    out = self.pairs(records, index.texts_of(positions, records), b, stats)
     if index.task == 'vqa':
       out.update(self._vqa_targets(positions, b))
     elif index.task == 're':
       out.update(self._re_targets(positions, records, b))
+    return out
+
+  def pairs(self, records: list[dict], texts: list, rows: int, stats: dict) -> dict:
+    """Text and image fields of (record, text) pairs, padded to `rows` rows."""
+    out = self.text(texts, rows, stats)
+    out.update(self.regions(records, rows))
+    out['example_mask'] = np.arange(rows) < len(records)
     return out
 
   def _ids(self, positions, b: int) -> np.ndarray:

@@ -127,17 +127,17 @@ def _fields(buf, start: int, end: int):
     raise ValueError('truncated protobuf message')
 
 
-def scan(raw: bytes) -> dict[str, tuple[str, int, int]]:
-  """name -> (list kind, start, end of the list message in `raw`) of every feature of a
-  serialized tf.Example, without copying anything (read values with `span_bytes`,
-  `span_int`)."""
+def scan(raw: bytes, names=None) -> dict[str, tuple[str, int, int]]:
+  """name -> (list kind, start, end of the list message in `raw`) of the features of a
+  serialized tf.Example (those in `names`; None: all), without copying anything
+  (read values with `span_bytes`, `span_int`, `span_array`)."""
   try:
-    return _scan(raw)
+    return _scan(raw, names)
   except IndexError:  # a varint runs past the end
     raise ValueError('truncated protobuf message') from None
 
 
-def _scan(raw: bytes) -> dict[str, tuple[str, int, int]]:
+def _scan(raw: bytes, names) -> dict[str, tuple[str, int, int]]:
   out = {}
   for number, wire, start, end in _fields(raw, 0, len(raw)):
     if number != 1 or wire != _LEN:
@@ -145,16 +145,19 @@ def _scan(raw: bytes) -> dict[str, tuple[str, int, int]]:
     for entry_no, entry_wire, e_start, e_end in _fields(raw, start, end):
       if entry_no != 1 or entry_wire != _LEN:
         continue
-      key, kind = None, ('bytes_list', e_end, e_end)  # an unset Feature: empty
+      key, value = None, None
       for f_no, f_wire, f_start, f_end in _fields(raw, e_start, e_end):
         if f_no == 1 and f_wire == _LEN:
           key = bytes(raw[f_start:f_end]).decode('utf-8')
         elif f_no == 2 and f_wire == _LEN:
-          for k_no, k_wire, k_start, k_end in _fields(raw, f_start, f_end):
-            if k_no in KIND_FIELDS and k_wire == _LEN:
-              kind = (KIND_FIELDS[k_no], k_start, k_end)
-      if key is not None:
-        out[key] = kind
+          value = (f_start, f_end)
+      if key is None or (names is not None and key not in names):
+        continue
+      kind = ('bytes_list', e_end, e_end)  # an unset Feature: empty
+      for k_no, k_wire, k_start, k_end in _fields(raw, *(value or (e_end, e_end))):
+        if k_no in KIND_FIELDS and k_wire == _LEN:
+          kind = (KIND_FIELDS[k_no], k_start, k_end)
+      out[key] = kind
   return out
 
 

@@ -114,15 +114,17 @@ class TrainBatchFn(EpochShuffle):
     parts, own = self.interleave.locate(np.arange(index * b, (index + 1) * b, dtype=np.int64))
     if len(self.batchers) == 1:
       batch = self.batcher(self.at(own), stats)
-    else:
-      batch = {}
+    else:  # pairs of every part, in row order, padded once
+      records, texts = [None] * b, [None] * b
       for k in np.unique(parts):
         rows = np.flatnonzero(parts == k)
-        part = self.batchers[k](self.part_shuffles[k].at(own[rows]), stats, rows=len(rows))
-        for key, value in part.items():
-          if key not in batch:
-            batch[key] = np.empty((b,) + value.shape[1:], value.dtype)
-          batch[key][rows] = value
+        examples = self.batchers[k].index
+        positions = self.part_shuffles[k].at(own[rows])
+        part_records = self.batchers[k].images.read(examples.image_rows(positions))
+        for row, record, text in zip(rows, part_records,
+                                     examples.texts_of(positions, part_records)):
+          records[row], texts[row] = record, text
+      batch = self.batcher.pairs(records, texts, b, stats)
     if self.kind_for_index is not None:
       batch = apply_kind(batch, self.kind_for_index(index),
                          masking_rng(self.seed, index, self.process_index),
