@@ -77,8 +77,8 @@ def test_a_task_whose_targets_the_data_lacks_stops_at_start_up(root):
   for task in ('mrc', 'mrckl'):
     config = _config(root, 'coco_karpathy:train+restval,vg_captions', **{f'tasks.{task}': 1})
     with pytest.raises(ValueError, match=rf"task '{task}' .*needs the records' 'soft_labels', "
-                       r'which coco_karpathy/float16_d8_min5_max16_spm80_fold0/.*:train\+restval .*, '
-                       r'vg_captions/float16_d8/.*:train .* lacks'):
+                       r'which coco_karpathy/float16_d8_min5_max16_spm80_fold0/.*:'
+                       r'train\+restval .*, vg_captions/float16_d8/.*:train .* lacks'):
       make_pretrain_job(config, Feed.whole(8))
   job = make_pretrain_job(_config(root, 'coco_karpathy'), Feed.whole(8))  # mrfr is fine
   assert 'mrfr' in job.loss_fns and 'mrckl' not in job.loss_fns

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 
@@ -229,6 +230,37 @@ def apply_kind(batch: dict, kind: str | None, rng: np.random.Generator, spec: Ba
     return masking.make_itm_batch(batch, rng, neg_prob=spec.itm_neg_prob,
                                   negatives=spec.itm_negatives, stats=stats, inplace=inplace)
   raise ValueError(f'unknown batch kind {kind!r}; expected one of {masking.BATCH_KINDS}')
+
+
+class RecentCache:
+  """A thread-safe cache of values keyed by a growing int (an epoch, a block) that
+  keeps the last two keys; picklable (grain workers): the lock and the cache are
+  rebuilt after unpickling. Base of the per-epoch shuffles and the mixture blocks."""
+
+  def __init__(self):
+    self._init_runtime()
+
+  def _init_runtime(self):
+    self._lock, self._recent = threading.Lock(), {}
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state['_lock'], state['_recent']
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_runtime()
+
+  def _cached(self, key: int, make):
+    """`make(key)`, computed once while `key` is one of the two latest."""
+    with self._lock:
+      value = self._recent.get(key)
+      if value is None:
+        value = make(key)
+        self._recent = {k: v for k, v in self._recent.items() if k >= key - 1}
+        self._recent[key] = value
+      return value
 
 
 def masking_rng(seed: int, index: int, process_index: int) -> np.random.Generator:

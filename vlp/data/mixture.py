@@ -24,10 +24,11 @@ import dataclasses
 import fractions
 import math
 import re
-import threading
 from typing import Sequence
 
 import numpy as np
+
+from vlp.data.batching import RecentCache
 
 _MIX_TAG = 0x6D6978  # the block shuffles draw from a stream of their own
 _MAX_PERIOD = 4096  # weights finer than 1/4096 of the total are rounded
@@ -105,12 +106,12 @@ def integer_shares(weights: Sequence[float]) -> list[int]:
   return out
 
 
-class Interleave:
+class Interleave(RecentCache):
   """Stream position -> (part, that part's own position), per block (module doc).
 
   `shares[s]` positions of every `sum(shares)` go to part s (a short period is
   repeated up to 1024 positions per block, so each block holds a shuffled mix of
-  many examples of every part). Picklable; thread-safe.
+  many examples of every part). Picklable (grain workers); thread-safe.
   """
 
   def __init__(self, shares: Sequence[int], *, seed: int, shard: int):
@@ -123,34 +124,19 @@ class Interleave:
     self.seed, self.shard = int(seed), int(shard)
     self._starts = np.cumsum(self.counts) - self.counts
     self._base = np.repeat(np.arange(len(shares)), self.counts)
-    self._init_runtime()
-
-  def _init_runtime(self):
-    self._lock, self._blocks = threading.Lock(), {}
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    del state['_lock'], state['_blocks']
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._init_runtime()
+    super().__init__()
 
   def _layout(self, block: int) -> tuple[np.ndarray, np.ndarray]:
     """(part, rank among that part's positions) of each position of a block."""
-    with self._lock:
-      cached = self._blocks.get(block)
-      if cached is None:
-        rng = np.random.default_rng([self.seed, self.shard, block, _MIX_TAG])
-        part = rng.permutation(self._base)
-        order = np.argsort(part, kind='stable')
-        rank = np.empty(self.block, np.int64)
-        rank[order] = np.arange(self.block) - self._starts[part[order]]
-        cached = (part, rank)
-        self._blocks = {b: v for b, v in self._blocks.items() if b >= block - 1}
-        self._blocks[block] = cached
-      return cached
+    return self._cached(block, self._make_layout)
+
+  def _make_layout(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([self.seed, self.shard, block, _MIX_TAG])
+    part = rng.permutation(self._base)
+    order = np.argsort(part, kind='stable')
+    rank = np.empty(self.block, np.int64)
+    rank[order] = np.arange(self.block) - self._starts[part[order]]
+    return part, rank
 
   def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(part, position in that part's own stream) of each stream position."""

@@ -19,21 +19,19 @@ the same number of eval steps.
 from __future__ import annotations
 
 import sys
-import threading
 from typing import Callable, Sequence
 
 import grain
 import numpy as np
 
-from vlp.data.batching import Batcher, apply_kind, masking_rng, shuffle_rng
+from vlp.data.batching import Batcher, RecentCache, apply_kind, masking_rng, shuffle_rng
 from vlp.data.mixture import Interleave
 
 
-class EpochShuffle:
+class EpochShuffle(RecentCache):
   """Per-epoch permutations of `num` items, a pure function of (seed, shard, epoch, tag).
 
-  Base of the picklable batch functions that grain workers run: the lock and the
-  permutation cache are rebuilt after unpickling.
+  Base of the picklable batch functions that grain workers run.
   """
 
   def __init__(self, *, seed: int, process_index: int, num: int, tag: int):
@@ -41,29 +39,11 @@ class EpochShuffle:
       raise ValueError(f'the data seed must be a non-negative int, got {seed}')
     self.seed, self.process_index, self.num, self.tag = int(seed), process_index, int(num), tag
     self.stats: dict = {}
-    self._init_runtime()
-
-  def _init_runtime(self):
-    self._lock, self._perms = threading.Lock(), {}
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    del state['_lock'], state['_perms']
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._init_runtime()
+    super().__init__()
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    with self._lock:
-      perm = self._perms.get(epoch)
-      if perm is None:
-        rng = shuffle_rng(self.seed, self.process_index, epoch, self.tag)
-        perm = rng.permutation(self.num)
-        self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-        self._perms[epoch] = perm
-      return perm
+    return self._cached(epoch, lambda e: shuffle_rng(
+        self.seed, self.process_index, e, self.tag).permutation(self.num))
 
   def positions(self, index: int, batch_size: int) -> np.ndarray:
     """Item positions (in [0, num)) of batch `index`, epoch after epoch."""

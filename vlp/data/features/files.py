@@ -34,7 +34,7 @@ from typing import Mapping
 import numpy as np
 
 from vlp.data.features.errors import BadInput, BuildReport
-from vlp.data.features.regions import Regions
+from vlp.data.features.regions import ImageIndexed, Regions
 
 _DIGITS = re.compile(r'(\d+)(?!.*\d)')
 _NPY_EXTRAS = ('_boxes', '_conf', '_soft_labels')
@@ -108,7 +108,7 @@ def index_directory(directory: str, suffix: str, report: BuildReport,
   return index
 
 
-class _DirectoryFeatures:
+class _DirectoryFeatures(ImageIndexed):
   """Shared lookup of one-file-per-image directories."""
 
   suffix = ''
@@ -119,15 +119,6 @@ class _DirectoryFeatures:
     self.directory, self.report = directory, report
     self.sizes: dict[int, tuple[float, float]] = dict(sizes or {})
     self._index = index_directory(directory, self.suffix, report, self.skip)
-
-  def __contains__(self, image_id: int) -> bool:
-    return int(image_id) in self._index
-
-  def __len__(self) -> int:
-    return len(self._index)
-
-  def ids(self) -> list[int]:
-    return list(self._index)
 
   def describe(self) -> str:
     return f'{self.suffix[1:]} ({self.directory}, {len(self._index)} images)'

@@ -32,7 +32,7 @@ import numpy as np
 
 from vlp.data.features.errors import BadInput, BuildReport
 from vlp.data.features.files import uniter_regions
-from vlp.data.features.regions import Regions
+from vlp.data.features.regions import ImageIndexed, Regions
 
 KEYS_ENTRY = b'__keys__'
 _DIGITS = re.compile(r'(\d+)(?!.*\d)')
@@ -155,7 +155,7 @@ def decode_entry(raw: bytes) -> dict[str, np.ndarray]:
   return value
 
 
-class LmdbFeatures:
+class LmdbFeatures(ImageIndexed):
   """Random access by image id to the images of UNITER image DBs (module doc)."""
 
   def __init__(self, spec: str, *, report: BuildReport,
@@ -187,15 +187,6 @@ class LmdbFeatures:
       self.report.bad(err)
       return
     self._index[image_id] = (db, key)
-
-  def __contains__(self, image_id: int) -> bool:
-    return int(image_id) in self._index
-
-  def __len__(self) -> int:
-    return len(self._index)
-
-  def ids(self) -> list[int]:
-    return list(self._index)
 
   def describe(self) -> str:
     return f'lmdb ({len(self.paths)} DBs, {len(self._index)} images)'

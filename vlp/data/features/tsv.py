@@ -32,7 +32,7 @@ import re
 import numpy as np
 
 from vlp.data.features.errors import BadInput, BuildReport
-from vlp.data.features.regions import Regions
+from vlp.data.features.regions import ImageIndexed, Regions
 
 BUTD_FIELDS = ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features')
 _ALIASES = {'img_id': 'image_id', 'img_w': 'image_w', 'img_h': 'image_h'}
@@ -78,7 +78,7 @@ def expand_paths(spec: str) -> list[str]:
   return paths
 
 
-class TsvFeatures:
+class TsvFeatures(ImageIndexed):
   """Random access by image id to the images of one or more TSV files."""
 
   def __init__(self, paths: list[str], *, report: BuildReport,
@@ -136,15 +136,6 @@ class TsvFeatures:
     finally:
       if bar is not None:
         bar.close()
-
-  def __contains__(self, image_id: int) -> bool:
-    return int(image_id) in self._index
-
-  def __len__(self) -> int:
-    return len(self._index)
-
-  def ids(self) -> list[int]:
-    return list(self._index)
 
   def _line(self, file_no: int, offset: int) -> bytes:
     f = self._files.get(file_no)
