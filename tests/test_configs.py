@@ -22,8 +22,8 @@ JOB_KEYS = {
     "pretrain": SCHEDULE | PRETRAINING_ONLY | {"eval_gallery_images"},
     "retrieval": SCHEDULE | {"init_from", "retrieval_ft", "distill", "dual_dim",
                              "two_stage_ks", "eval_gallery_images"},
-    "vqa": SCHEDULE | {"init_from", "head_lr_mult"},
-    "grounding": SCHEDULE | {"init_from", "eval_splits", "det_data_dir"},
+    "vqa": SCHEDULE | {"init_from", "head_lr_mult", "answer_vocab"},
+    "grounding": SCHEDULE | {"init_from", "eval_splits", "det_data_dir", "grounding_mlp"},
 }
 # The keys these were before the per-task subtrees; none may come back.
 FLAT_KEYS = {"task", "mlm_prob", "mrm_prob", "itm_neg_prob", "itm_negatives",
@@ -169,7 +169,7 @@ def test_pretraining_objectives_keep_their_values_in_subtrees():
   tiny = config_lib.load_config_file(os.path.join(REPO, "configs/uniter_base.py:tiny"))
   base = config_lib.load_config_file(os.path.join(REPO, "configs/uniter_base.py"))
   assert (tiny.mlm.max_predictions, base.mlm.max_predictions) == (8, 12)
-  assert (tiny.mrm.max_predictions, base.mrm.max_predictions) == (4, 10)
+  assert (tiny.mrm.max_predictions, base.mrm.max_predictions) == (4, 30)
   assert tiny.mlm.prob == tiny.mrm.prob == 0.15
   assert (tiny.itm.negatives, base.itm.negatives) == ("balanced", "random")
   assert tiny.itm.neg_prob == 0.5 and tiny.itm.wra_weight == 0.1
