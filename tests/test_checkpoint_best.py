@@ -47,6 +47,7 @@ def test_the_best_step_survives_beside_the_latest_and_after_a_restart(tmp_path):
     loop.checkpoint_step(again, 3, "acc")
   again.close()
   plain = ckpt_lib.Checkpointer(directory, save_every=1, keep=2)
-  with pytest.raises(ValueError, match="--step=best: no checkpoint .* was saved with config.best_metric=''"):
+  with pytest.raises(ValueError,
+                     match="--step=best: no checkpoint .* saved with config.best_metric=''"):
     loop.checkpoint_step(plain, "best", "")
   plain.close()

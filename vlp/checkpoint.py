@@ -3,10 +3,10 @@
 A checkpoint step holds two items: ``state`` (the train state pytree, sharded
 arrays) and ``meta`` (JSON: the data-iterator position, the config, the task mix
 ...). Saves are asynchronous; the save policy is "every N steps, plus whenever
-the caller forces one" (end of training, pre-emption). A fine-tuning run may also keep its best step:
-saves made right after an evaluation carry that evaluation's metric, and the
-step with the highest one is kept beside the latest `keep` (`best_metric`).
-Restores always go into an
+the caller forces one" (end of training, pre-emption). A fine-tuning run may
+also keep its best step: saves made right after an evaluation carry that
+evaluation's metric, and the step with the highest one is kept beside the latest
+`keep` (`best_metric`). Restores always go into an
 abstract target whose leaves carry the *current* shardings, which is what lets a
 checkpoint written on one mesh load on another (or on a single CPU).
 """

@@ -13,17 +13,17 @@ correction.
 
 Gradient scale (`clip_scale`): vlp's gradient is the mean over the global batch
 (and over micro-batches with `grad_accum`). The reference sums its per-GPU,
-per-micro-batch mean gradients over GPUs and accumulation steps before clipping,
-so its gradient is (GPUs x accumulation steps) times vlp's mean, and its clip
-threshold bites on that larger norm (base pretraining: 8 GPUs x 6 steps = 48;
-at clip 5.0 it fires whenever the mean gradient's norm exceeds 5/48 ~ 0.1, where
-the same threshold on the mean gradient bites far less often). `optimizer.clip_scale` multiplies the gradient by
-that factor before clipping, and the multiplied gradient is what AdamW sees, as
-in the reference. Scaling the threshold down instead would clip the same
-direction to the same relative size, but Adam's eps (1e-6) would then sit next
+per-micro-batch gradients over GPUs and accumulation steps before clipping; where
+each micro-batch loss is a mean, its gradient is (GPUs x accumulation steps)
+times vlp's mean and its clip bites on that larger norm (base pretraining:
+8 GPUs x 6 steps = 48; clip 5.0 fires once the mean gradient's norm exceeds
+5/48 ~ 0.1). `optimizer.clip_scale` multiplies the gradient by that factor
+before clipping, and AdamW gets the multiplied gradient, as in the reference
+(each config derives its factor). Scaling the threshold down instead would clip
+the same steps to the same direction, but Adam's eps (1e-6) would then sit next
 to a gradient `clip_scale` times smaller than the reference's; scaling the
-gradient keeps eps in the reference's proportion too. Adam is otherwise
-invariant to the scale, so a scale only changes which steps clip (and eps).
+gradient keeps eps in the reference's proportion too. Otherwise Adam is
+invariant to the scale: it changes which steps clip, and the weight of eps.
 """
 
 from __future__ import annotations
