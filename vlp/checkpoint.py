@@ -40,6 +40,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 2,
                async_save: bool = True, best_metric: str = ""):
+    self.best_metric = best_metric
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
     registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
@@ -49,19 +50,24 @@ class Checkpointer:
         save_decision_policy=checkpoint_managers.FixedIntervalPolicy(max(1, save_every)),
         preservation_policy=checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(max(1, keep)),
-            checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
+            checkpoint_managers.BestN(get_metric_fn=self._metric, n=1,
                                       keep_checkpoints_without_metrics=False)])
         if best_metric else checkpoint_managers.LatestN(max(1, keep)),
         # With a best_fn orbax writes each step's metrics and reads them back on a
         # restart (the policy above decides what is kept).
-        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode="max",
+        best_fn=self._metric if best_metric else None, best_mode="max",
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True)
     self.directory = os.path.abspath(directory)
-    self.best_metric = best_metric
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        handler_registry=registry)
+
+  def _metric(self, metrics: dict) -> float:
+    """The ranking value of a step's metrics (a step saved under another
+    `best_metric` ranks last rather than failing)."""
+    value = metrics.get(self.best_metric)
+    return float(value) if isinstance(value, (int, float)) else float("-inf")
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
