@@ -22,6 +22,7 @@ import os
 import ml_collections
 
 from vlp import config_lib
+from vlp.data import masking
 
 
 def get_config(arg=None):
@@ -44,6 +45,9 @@ def get_config(arg=None):
   c.optimizer.learning_rate = 7e-4 if tiny else 5e-5
   c.optimizer.warmup_steps = 100 if tiny else 10_000
   c.optimizer.grad_clip = 5.0
+  # The reference clips the gradient summed over 8 GPUs x 6 accumulation steps
+  # (vlp/train/optim.py). Tiny (vlp): the mean, as its demo was measured.
+  c.optimizer.clip_scale = 1.0 if tiny else 8 * 6
 
   # Task mix (one task per update, sampled from (seed, step)). The reference
   # all-data config uses itm/mlm/mrfr/mrckl = 27/36/18/18 %; vlp adds hard MRC.
@@ -61,8 +65,12 @@ def get_config(arg=None):
            itm=20.0 if tiny else 1.0))
   # Masked language modelling: masking probability and prediction slots per example.
   c.mlm = ml_collections.ConfigDict(dict(prob=0.15, max_predictions=8 if tiny else 12))
-  # Masked region modelling, shared by the mrfr, mrc and mrckl tasks.
-  c.mrm = ml_collections.ConfigDict(dict(prob=0.15, max_predictions=4 if tiny else 10))
+  # Masked region modelling, shared by the mrfr, mrc and mrckl tasks. The reference
+  # masks every selected region; base sizes the slots from the region count so that a
+  # full image overflows them with probability <= 1e-4 (100 regions: 30 slots; set
+  # again if you change max_regions). Overflows are counted (`mrm_capped`).
+  c.mrm = ml_collections.ConfigDict(dict(
+      prob=0.15, max_predictions=4 if tiny else masking.prediction_slots(c.max_regions, 0.15)))
   # Image-text matching. Negatives: "random" is the reference's sampler (each example
   # with probability `neg_prob`); "balanced" (vlp) shows every caption and image of
   # an ITM batch once matched and once not, which cancels the single-modality

@@ -30,7 +30,7 @@ import pytest
 
 from vlp import checkpoint as ckpt_lib, pretrained
 from vlp.data import downstream as dr
-from vlp.data import examples, prepare
+from vlp.data import examples, prepare, vqa_targets
 from vlp.data import records as record_reader
 from vlp.data.image_records import ImageRecords
 from vlp.data.batching import BatchSpec
@@ -126,6 +126,34 @@ def test_vqa_v2_train_batches(built):
     assert sorted(ids) == sorted(q['question_id'] for q in qs['train'][18 * p:18 * (p + 1)])
     seen += list(ids)
   assert sorted(seen) == sorted(by_qid)
+
+
+def test_vqa_v2_labels_follow_an_ans2label_file(built, tmp_path):
+  # UNITER's ans2label.json layout ({answer: label}): the data's own answers in
+  # reverse order plus one it never saw; targets are recomputed over that order.
+  builder, tok, qs = built['vqa'], built['tokenizer'], built['questions']
+  order = expected_vocab(qs)[::-1] + ['zebra']
+  path = tmp_path / 'ans2label.json'
+  path.write_text(json.dumps({a: i for i, a in enumerate(order)}))
+  answers = vqa_targets.read_answer_vocab(str(path))
+  assert answers == order
+  ev = dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, split='val',
+                                 answers=answers)
+  by_qid = {q['question_id']: q for q in qs['val']}
+  for batch in ev:
+    assert batch['vqa_targets'].shape == (6, len(order))
+    _check_vqa_rows(batch, by_qid, built['feats'], order, tok)
+  it = dr.make_task_train_iterator(builder, SPEC, task='vqa', tokenizer=tok, seed=3,
+                                   answers=answers)
+  _check_vqa_rows(next(it), {q['question_id']: q for q in qs['train']}, built['feats'], order,
+                  tok)
+  with pytest.raises(ValueError, match="target_scores must recompute"):
+    dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, split='val',
+                              answers=answers, target_scores='stored')
+  path.write_text(json.dumps({'yes': 0, 'no': 2}))
+  with pytest.raises(ValueError, match=r"ans2label.json: expected \{answer: label\} with the "
+                                       r"labels 0..1"):
+    vqa_targets.read_answer_vocab(str(path))
 
 
 def test_vqa_v2_eval_batches_and_annotations(built):
@@ -250,7 +278,8 @@ def test_reader_errors(built, tmp_path):
   with pytest.raises(ValueError, match='per-example fields'):
     dr.layout(builder, 're')
   with pytest.raises(ValueError, match=r'answers.json \(5 answers\).*\(2 answers\)'):
-    dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, answers=['a', 'b'])
+    dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, answers=['a', 'b'],
+                              target_scores='stored')
   wide = BatchSpec(batch_size=6, max_text_len=16, max_regions=5, feature_dim=2048)
   with pytest.raises(ValueError, match='region features of dim 8, config expects '
                                        'feature_dim=2048'):

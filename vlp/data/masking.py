@@ -10,12 +10,14 @@ vectorised over the batch; the result is a pure function of (batch, rng state).
 Caps: like BERT's `max_predictions_per_seq`, at most `max_predictions` positions
 per example are masked. When more were selected, a uniformly random subset of
 `max_predictions` is kept and the rest are left untouched (not masked, not
-labelled). Pass a `stats` dict to count such events.
+labelled). Pass a `stats` dict to count such events (`mlm_capped`, `mrm_capped`;
+the train streams sum them). `prediction_slots` sizes a cap so that this is rare.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, MutableMapping
 
 import numpy as np
@@ -37,6 +39,24 @@ class TokenIds:
   def from_tokenizer(cls, tok: Any) -> 'TokenIds':
     return cls(int(tok.pad_id), int(tok.cls_id), int(tok.sep_id), int(tok.mask_id),
                tuple(int(i) for i in tok.random_range))
+
+
+def prediction_slots(length: int, prob: float, max_drop: float = 1e-4) -> int:
+  """The smallest cap P with P(Binomial(length, prob) > P) <= max_drop.
+
+  Each of `length` positions is selected with probability `prob`, so with P slots
+  a full-length example loses part of its selection with at most that
+  probability (shorter ones less). E.g. 100 regions at 0.15: 30 slots (tail 4e-5).
+  """
+  if length < 1 or not 0 <= prob <= 1 or not 0 < max_drop < 1:
+    raise ValueError(f'prediction_slots needs length >= 1, prob in [0, 1] and max_drop in '
+                     f'(0, 1); got {length}, {prob}, {max_drop}')
+  tail = 1.0
+  for cap in range(length + 1):
+    tail -= math.comb(length, cap) * prob ** cap * (1 - prob) ** (length - cap)
+    if tail <= max_drop:
+      return max(cap, 1)
+  return length
 
 
 def _require(batch: Mapping[str, np.ndarray], keys, kind: str):

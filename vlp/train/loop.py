@@ -66,8 +66,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   make_model = job.make_model
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
                                       lr_multipliers=job.lr_multipliers)
+  best_metric = config.best_metric
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+                               save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+                               best_metric=best_metric)
 
   start_step, data_state = 0, None
   latest = ckpt.latest_step()
@@ -118,11 +120,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           fn, state_sh, sharding_lib.batch_shardings(host_batch, mesh, rules), mesh)
     return compiled[task]
 
-  def save(step: int, force: bool = False):
+  def save(step: int, force: bool = False, metrics: dict | None = None):
     meta = {"step": step, "data_state": train_iter.get_state(),
             "config": json.loads(config.to_json_best_effort()),
             "model_info": dict(job.model_info)}
-    ckpt.save(step, state, meta, force=force)
+    ckpt.save(step, state, meta, force=force, metrics=metrics)
 
   def evaluate(params, step: int) -> dict[str, Any]:
     ctx = EvalContext(step=step, config=config, workdir=workdir, graphdef=graphdef,
@@ -168,14 +170,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.close()
         metrics_lib.log(f"pre-emption (SIGTERM): checkpoint written at step {step}; exiting")
         return last_eval
-      if step % config.checkpoint_every == 0 and step != config.total_steps:
-        save(step)
-      if eval_on and (step % config.eval_every == 0 or step == config.total_steps):
+      evaluated = eval_on and (step % config.eval_every == 0 or step == config.total_steps)
+      if evaluated:
         last_eval = evaluate(state.params, step=step)
+      # An evaluated step with a `best_metric` is saved with it: it may be the best.
+      scored = best_score(last_eval, best_metric) if evaluated else None
+      if scored is not None:
+        save(step, force=True, metrics=scored)
+      elif step % config.checkpoint_every == 0 and step != config.total_steps:
+        save(step)
     if ckpt.latest_step() != step:
       save(step, force=True)
+  if best_metric:
+    metrics_lib.log(f"best {best_metric}: step {ckpt.best_step()} "
+                    "(python -m vlp.evaluate --step=best)")
   ckpt.close()
   return last_eval
+
+
+def best_score(evaluation: dict[str, Any], metric: str) -> dict[str, float] | None:
+  """{metric: value} when `metric` is set and the evaluation has a number for it."""
+  value = evaluation.get(metric) if metric else None
+  if isinstance(value, (int, float)) and np.isfinite(value):
+    return {metric: float(value)}
+  return None
 
 
 def feed_for(config: ml_collections.ConfigDict, mesh, rules) -> Feed:
@@ -197,12 +215,14 @@ def _to_global(config, mesh, rules, feed: Feed):
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        step: int | str | None = None,
                         job_factory: JobFactory | None = None,
                         devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
-  """Restores the latest checkpoint of `workdir` and runs only the job's evaluation.
+  """Restores a checkpoint of `workdir` and runs only the job's evaluation.
 
-  The result goes to `WORKDIR/<job.eval_file>` (for fine-tuning jobs
-  `eval_<config.eval_split>.json`).
+  `step`: None (the latest), a step number, or "best" (the step kept for the
+  highest `config.best_metric`). The result goes to `WORKDIR/<job.eval_file>`
+  (for fine-tuning jobs `eval_<config.eval_split>.json`).
   """
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.rules_for(config.sharding, mesh)
@@ -211,15 +231,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps,
                                lr_multipliers=job.lr_multipliers)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               save_every=config.checkpoint_every, keep=config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first "
-                            "(python -m vlp.pretrain / vlp.finetune with this --workdir)")
+                               save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+                               best_metric=config.best_metric)
+  chosen = checkpoint_step(ckpt, step, config.best_metric)
   graphdef, state_sh = state_shardings(job.make_model, tx, mesh=mesh, rules=rules,
                                        sharding_name=config.sharding,
                                        strict=config.strict_sharding)
-  state, _ = ckpt.restore(latest, abstract_state(state_sh, job.make_model, tx))
+  state, _ = ckpt.restore(chosen, abstract_state(state_sh, job.make_model, tx))
   ckpt.close()
 
   ctx = EvalContext(step=int(state.step), config=config, workdir=workdir, graphdef=graphdef,
@@ -230,3 +248,24 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   metrics_lib.write_json(os.path.join(workdir, job.eval_file), out)
   metrics_lib.log(f"evaluated step {ctx.step} -> {os.path.join(workdir, job.eval_file)}")
   return out
+
+
+def checkpoint_step(ckpt: ckpt_lib.Checkpointer, step: int | str | None,
+                    best_metric: str) -> int:
+  """The step `evaluate_checkpoint` restores: the latest, a number, or "best"."""
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first "
+                            "(python -m vlp.pretrain / vlp.finetune with this --workdir)")
+  if step is None:
+    return ckpt.latest_step()
+  if step == "best":
+    best = ckpt.best_step()
+    if best is None:
+      raise ValueError(f"--step=best: no checkpoint under {ckpt.directory} was saved with "
+                       f"config.best_metric={best_metric!r} (steps: {steps}); set "
+                       "best_metric when fine-tuning, or pass a step number")
+    return best
+  if int(step) not in steps:
+    raise ValueError(f"--step={step}: {ckpt.directory} holds steps {steps}")
+  return int(step)
