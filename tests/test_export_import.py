@@ -28,8 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 import vlp
 from vlp import checkpoint as ckpt_lib, pretrained
-from vlp.data.tokenizer import Tokenizer
-from vlp.data.wordpiece import WordPieceTokenizer
+from vlp.data.tokenizer import Tokenizer, WordPieceTokenizer
 from vlp.parallel import mesh as mesh_lib, sharding as sharding_lib
 from vlp.models.downstream import UniterForVqa
 from vlp.models.pretraining import UniterForPretraining

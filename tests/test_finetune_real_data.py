@@ -269,6 +269,7 @@ def test_tokenizer_resolution(built, tmp_path):
   (pre / 'config.json').write_text(json.dumps({
       'format': pretrained.FORMAT, 'format_version': pretrained.FORMAT_VERSION,
       'tokenizer': {'type': 'sentencepiece', 'file': 'spm.model'}}))
+  (pre / 'spm.model').write_bytes(open(spm, 'rb').read())
   cfg.init_from = str(pre)
   assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == str(pre / 'spm.model')
   # A training workdir: the model_info of its latest checkpoint.
@@ -278,8 +279,32 @@ def test_tokenizer_resolution(built, tmp_path):
   ckpt.close()
   cfg.init_from = str(work)
   assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == spm
-  cfg.tokenizer = '/explicit/spm.model'
-  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == '/explicit/spm.model'
+  # The tokenizer follows the checkpoint: a copy of its file may be named, another
+  # file is an error that names both.
+  copy = tmp_path / 'copy.model'
+  copy.write_bytes(open(spm, 'rb').read())
+  cfg.tokenizer = str(copy)
+  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == spm
+  other = tmp_path / 'other.model'
+  other.write_bytes(b'x' + open(spm, 'rb').read())
+  cfg.tokenizer = str(other)
+  with pytest.raises(ValueError, match=f"config.tokenizer='{other}' is not the tokenizer "
+                                       f"'{spm}' that config.init_from='{work}' was trained"):
+    data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from)
+  # Without init_from, config.tokenizer is used as it is.
+  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from='') == str(other)
+  # A checkpoint whose tokenizer file is gone: an error, unless config.tokenizer names a copy.
+  gone = tmp_path / 'gone'
+  ckpt = ckpt_lib.Checkpointer(str(gone / 'checkpoints'), save_every=1, keep=1)
+  ckpt.save(1, {'x': np.zeros(2)}, {'model_info': {'tokenizer': '/elsewhere/spm.model'}},
+            force=True)
+  ckpt.close()
+  cfg.tokenizer = ''
+  with pytest.raises(FileNotFoundError, match="tokenizer '/elsewhere/spm.model', which does "
+                                              "not exist here"):
+    data_setup.tokenizer_path(cfg, built['vqa'], init_from=str(gone))
+  cfg.tokenizer = str(copy)
+  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=str(gone)) == str(copy)
 
 
 # ------------------------------------------------------------------ end to end
