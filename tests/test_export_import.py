@@ -414,37 +414,6 @@ def test_model_config_from_an_older_meta(workdir):
   assert cfg == workdir['cfg']
 
 
-# --------------------------------------------------------------------------------
-# WordPiece.
-
-def test_wordpiece_hand_cases(tmp_path):
-  tok = WordPieceTokenizer(_write_vocab(tmp_path / 'vocab.txt'))
-  ids = {t: i for i, t in enumerate(VOCAB)}
-  assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 2, 3, 4, 5)
-  assert tok.vocab_size == len(VOCAB) and tok.random_range == (7, len(VOCAB))
-  assert tok.tokenize('Hello, world!') == ['Hello', ',', 'world', '!']
-  assert tok.tokenize('unaffable') == ['un', '##aff', '##able']
-  # Cased: 'HELLO' is no piece; an unmatched rest makes the whole word [UNK].
-  assert tok.tokenize('HELLO hellos unaffablex') == ['[UNK]', 'hello', '##s', '[UNK]']
-  assert tok.tokenize('a' * 100) == ['a'] + ['##a'] * 99  # At most 100 characters a word.
-  assert tok.tokenize('a' * 101) == ['[UNK]']
-  # Control characters vanish, tabs/newlines separate, CJK ideographs stand alone.
-  assert tok.tokenize('the\x00\tred\u200b\ncube中a') == ['the', 'red', 'cube', '中', 'a']
-  assert tok.tokenize('a [MASK] cube [mask]') == ['a', '[MASK]', 'cube', '[', 'mask', ']']
-  assert tok.encode(b'the red cube.') == [ids['the'], ids['red'], ids['cube'], ids['.']]
-  assert tok.encode_batch(['a', b'the']) == [[ids['a']], [ids['the']]]
-  assert tok.encode('') == []
-  assert tok.decode([3, ids['un'], ids['##aff'], ids['##able'], ids['cube'], 4, 0, 0]) == \
-      'unaffable cube'
-  lower = WordPieceTokenizer(tmp_path / 'vocab.txt', lowercase=True)
-  assert lower.tokenize('HÉLLO, World') == ['hello', ',', 'world']
-  (tmp_path / 'bad.txt').write_text('[PAD]\n[UNK]\n[CLS]\nhello\n')
-  with pytest.raises(ValueError, match=r"lacks the special token\(s\) \['\[SEP\]', '\[MASK\]'\]"):
-    WordPieceTokenizer(tmp_path / 'bad.txt')
-  with pytest.raises(FileNotFoundError, match='missing.txt'):
-    WordPieceTokenizer(tmp_path / 'missing.txt')
-
-
 def test_head_options_read_the_dual_head_and_refuse_the_old_linear_one():
   proj = {'kernel': np.zeros((4, 3)), 'bias': np.zeros(3)}
   assert pretrained.head_options({'dual_output': {'encoder': {}, 'proj': proj}}) == {'dual_dim': 3}
