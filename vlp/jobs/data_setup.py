@@ -55,8 +55,10 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, builder, *,
   vocabulary. `config.tokenizer` may name the same file (or a copy); another one is
   an error naming both. Without `init_from` (or when it names none): `config.tokenizer`,
   else the one stored with the data (vlp_scenes, Karpathy builds). The real VQA /
-  RefCOCO builds store none."""
-  requested = config.tokenizer
+  RefCOCO builds store none. A vocab.txt named only by `config.tokenizer` is taken as
+  cased (UNITER's bert-base-cased); an uncased one comes through `init_from`."""
+  # Absolute, since checkpoints record it for later runs (vlp.jobs.base.model_info).
+  requested = os.path.abspath(config.tokenizer) if config.tokenizer else ""
   if init_from:
     from vlp import pretrained  # Only when needed: it pulls in orbax.
     found = pretrained.tokenizer_of(init_from)
@@ -71,7 +73,7 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, builder, *,
             "checkpoint with python -m vlp.export, which copies it in)")
       if requested and not same_file(requested, path):
         raise ValueError(
-            f"config.tokenizer={requested!r} is not the tokenizer {path!r} that "
+            f"config.tokenizer={config.tokenizer!r} is not the tokenizer {path!r} that "
             f"config.init_from={init_from!r} was trained with (its word embeddings index "
             "that vocabulary); leave config.tokenizer empty to use the checkpoint's")
       return path, lowercase

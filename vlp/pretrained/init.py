@@ -182,7 +182,8 @@ def tokenizer_of(init_from: str) -> tuple[str, bool] | None:
     tok = read_config(init_from).get('tokenizer') or {}
     if not tok.get('file'):
       return None
-    return os.path.join(init_from, tok['file']), bool(tok.get('lowercase', False))
+    return (os.path.abspath(os.path.join(init_from, tok['file'])),
+            bool(tok.get('lowercase', False)))
   directory = workdir_checkpoints(init_from)
   if directory is None:
     return None
