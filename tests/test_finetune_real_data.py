@@ -18,11 +18,14 @@ numpy IoU), never from the builders' or evaluators' code.
 * RefCOCO evaluation: a build on the ground-truth boxes is the "gt" setting, a
   second build on detector boxes (`det_data_dir`) the "det" one; per split the
   reported accuracy equals numpy IoU >= 0.5 over the predicted boxes, each of
-  which is a region of its image.
+  which is a region of its image;
+* WordPiece: VQA and RefCOCO batches tokenised with a BERT vocabulary hold the hand
+  tokenisation of their texts; the run's tokenizer follows `init_from`.
 """
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -35,7 +38,7 @@ from vlp.data import records as record_reader
 from vlp.data.image_records import ImageRecords
 from vlp.data.batching import BatchSpec
 from vlp.data.builders import vlp_scenes, vqa_v2
-from vlp.data.tokenizer import Tokenizer
+from vlp.data.tokenizer import Tokenizer, WordPieceTokenizer
 from vlp.jobs import data_setup, grounding
 from vlp.evaluators import vqa as vqa_eval
 from vlp.train import loop
@@ -255,6 +258,33 @@ def test_reader_errors(built, tmp_path):
   with pytest.raises(ValueError, match='region features of dim 8, config expects '
                                        'feature_dim=2048'):
     dr.make_task_eval_dataset(builder, wide, task='vqa', tokenizer=tok)
+
+
+@pytest.mark.parametrize('task', ['vqa', 're'])
+def test_wordpiece_batches(built, task, tmp_path):
+  # Records store raw text, so a BERT vocabulary tokenises at batching time. The
+  # vocabulary holds every word and punctuation mark of the fixture texts whole, so
+  # the ids are the words' line numbers, in order (hand tokenisation).
+  texts = [q['question'] for qs in built['questions'].values() for q in qs]
+  texts += [raw for *_, sents in ref_sentences() for _, raw in sents]
+  words = sorted({w for t in texts for w in re.findall(r'\w+|[^\w\s]', t)})
+  vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + words
+  (tmp_path / 'vocab.txt').write_text('\n'.join(vocab) + '\n')
+  tok = WordPieceTokenizer(str(tmp_path / 'vocab.txt'))
+  builder = built['vqa'] if task == 'vqa' else built['refs']['gt']
+  it = dr.make_task_train_iterator(builder, SPEC, task=task, tokenizer=tok, seed=0)
+  batch = next(it)
+  if task == 'vqa':  # The row's question.
+    by_qid = {q['question_id']: [q['question']] for q in built['questions']['train']}
+    options = [by_qid[int(q)] for q in batch['question_id']]
+  else:  # An expression of the row's ref (which one is the sampler's choice).
+    by_ref = {ref_id: [raw for _, raw in sents] for ref_id, *_, sents in ref_sentences()}
+    options = [by_ref[int(r)] for r in batch['ref_id']]
+  for i in range(SPEC.batch_size):
+    ids = batch['input_ids'][i, :int(batch['txt_mask'][i].sum())].tolist()
+    hand = [[2] + [vocab.index(w) for w in re.findall(r'\w+|[^\w\s]', t)][:14] + [3]
+            for t in options[i]]
+    assert ids in hand, (ids, options[i])
 
 
 def test_tokenizer_resolution(built, tmp_path):
