@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 import sentencepiece as spm
+from tokenizers import Tokenizer as HfTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 _SPECIALS = ('[CLS]', '[SEP]', '[MASK]')
 _BERT_SPECIALS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
@@ -145,8 +147,6 @@ class WordPieceTokenizer:
   """
 
   def __init__(self, path: str | os.PathLike, *, lowercase: bool = False):
-    from tokenizers import Tokenizer as HfTokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers
     self.path = os.fspath(path)
     self.lowercase = bool(lowercase)
     if not os.path.exists(self.path):

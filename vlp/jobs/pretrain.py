@@ -36,7 +36,7 @@ def make_pretrain_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
                 for n in names},
       batch_kinds={n: TASKS[n].batch_kind for n in names},
       evaluate=functools.partial(evaluate_pretraining, data=data),
-      # `config.init_from` (e.g. BERT imported by vlp.tools.import_bert): the
+      # `config.init_from` (e.g. BERT imported by vlp.tools.import_uniter): the
       # entries it has; the rest stay as initialised.
       init_params=init_params_fn(config, model_cfg),
       model_info=model_info(UniterForPretraining, model_cfg, data.tokenizer))
