@@ -36,7 +36,10 @@ def get_config(arg=None):
   # regions (confidence > 0.2) of an image, so 100 slots hold every region it feeds.
   c.max_regions = 10 if tiny else 100
   c.num_region_classes = 9 if tiny else 1601  # vlp_scenes: 8 shapes + background.
-  c.tokenizer = ""  # Empty: the sentencepiece model stored with the dataset.
+  # A sentencepiece model or a BERT vocab.txt. Empty: the one `init_from` was trained
+  # with, else the sentencepiece model stored with the dataset. Naming another than
+  # init_from's is an error (its word embeddings index that vocabulary).
+  c.tokenizer = ""
   c.data_workers = 0  # grain worker processes per host.
   # Slices of the global batch with their own shuffle and masking streams (0: the
   # fewest that line up with the rows each process feeds: one per process where

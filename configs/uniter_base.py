@@ -31,6 +31,10 @@ def get_config(arg=None):
   here = os.path.dirname(os.path.abspath(__file__))
   c = config_lib.load_config_file(f"{here}/base.py:size={arg.size},data={arg.data}")
   c.job = "pretrain"  # vlp.jobs: what this run trains and evaluates.
+  # Parameters to start from (the reference starts from BERT: a directory written by
+  # `python -m vlp.tools.import_uniter --checkpoint=bert-base-cased/`, or any pretrained
+  # directory or workdir); the tokenizer follows it. Empty = from scratch.
+  c.init_from = ""
 
   # Tiny: 64-row batches give twice the updates of 128 rows at about the same CPU time
   # per example, and ITM learns from the number of updates (docs/experiments.md,

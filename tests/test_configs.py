@@ -19,7 +19,7 @@ SCHEDULE = {"job", "tasks", "total_steps", "batch_size", "log_every", "eval_ever
             "checkpoint_every"}
 PRETRAINING_ONLY = {"loss_weights", "mlm", "mrm", "itm", "eval_batches"}
 JOB_KEYS = {
-    "pretrain": SCHEDULE | PRETRAINING_ONLY | {"eval_gallery_images"},
+    "pretrain": SCHEDULE | PRETRAINING_ONLY | {"init_from", "eval_gallery_images"},
     "retrieval": SCHEDULE | {"init_from", "retrieval_ft", "distill", "dual_dim",
                              "two_stage_ks", "eval_gallery_images"},
     "vqa": SCHEDULE | {"init_from", "head_lr_mult", "answer_vocab"},

@@ -132,6 +132,9 @@ def init_params_fn(config: ml_collections.ConfigDict, model_cfg,
 
 
 def model_info(model_cls, model_cfg, tokenizer, **heads: Any) -> dict:
-  """`Job.model_info` of a model class, its config, tokenizer and head options."""
+  """`Job.model_info` of a model class, its config, tokenizer and head options.
+
+  The tokenizer's file and case handling are what `init_from` of a later run (and
+  `vlp.export`) read back, so the tokenizer follows the checkpoint."""
   return {"model_class": model_cls.__name__, "model_config": dataclasses.asdict(model_cfg),
-          "tokenizer": tokenizer.path, **heads}
+          "tokenizer": tokenizer.path, "tokenizer_lowercase": tokenizer.lowercase, **heads}
