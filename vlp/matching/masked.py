@@ -26,10 +26,15 @@ def zero_padding(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask[..., None], jnp.asarray(x, jnp.float32), 0.0)
 
 
+def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+  """max(|x|, EPS) along `axis`, clamped *inside* the square root: the gradient of
+  sqrt at 0 is infinite, and 0 * inf is a NaN for an all-zero (padded) vector."""
+  return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=keepdims), EPS * EPS))
+
+
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   """x / max(|x|, EPS): unit vectors; an all-zero (padded) vector stays zero."""
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, EPS)
+  return x / safe_norm(x, axis=axis, keepdims=True)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
@@ -64,6 +69,14 @@ def masked_logsumexp(logits: jax.Array, mask: jax.Array, axis: int) -> jax.Array
   none, which `jnp.logaddexp(0, .)` or a `where` turns into 0 downstream."""
   mask = jnp.broadcast_to(mask, logits.shape)
   return jax.nn.logsumexp(jnp.where(mask, logits, NEG), axis=axis)
+
+
+def zero_empty_pairs(scores: jax.Array, region_mask: jax.Array,
+                     token_mask: jax.Array) -> jax.Array:
+  """scores [Bi, Bt] set to 0 where the image or the text has no real fragment
+  (e.g. an LSE over words whose context is empty would otherwise give log(n)/lambda)."""
+  real = jnp.any(region_mask, axis=1)[:, None] & jnp.any(token_mask, axis=1)[None, :]
+  return jnp.where(real, scores, 0.0)
 
 
 def pool(values: jax.Array, mask: jax.Array, *, axis: int, how: str,

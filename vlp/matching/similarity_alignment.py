@@ -87,14 +87,14 @@ def token_flow(regions, region_mask, tokens, token_mask, *, tau: float = 0.05) -
       w_r = softmax_r(<v_r, g_t> / tau),  w_l = softmax_l(<t_l, g_v> / tau)
       s(i, t) = sum_{r, l} w_r w_l <v_r, t_l> = <sum_r w_r v_r, sum_l w_l t_l>
 
-  with unit fragments and g the unit mean of the other side's fragments. The
+  with unit fragments and g the normalised mean of the other side's unit fragments. The
   flow w_r w_l is the transport plan restricted to independent couplings, so the
   score factors into two weighted poolings and costs O(R + L) per pair.
   """
   v = l2_normalize(zero_padding(regions, region_mask))
   t = l2_normalize(zero_padding(tokens, token_mask))
-  g_v = global_embedding(regions, region_mask)  # [Bi, D]
-  g_t = global_embedding(tokens, token_mask)  # [Bt, D]
+  g_v = l2_normalize(masked_mean(v, region_mask[..., None], axis=1))  # [Bi, D]
+  g_t = l2_normalize(masked_mean(t, token_mask[..., None], axis=1))  # [Bt, D]
   w_v = masked_softmax(jnp.einsum("ard,bd->abr", v, g_t) / tau,
                        region_mask[:, None, :], axis=2)
   w_t = masked_softmax(jnp.einsum("bld,ad->abl", t, g_v) / tau,

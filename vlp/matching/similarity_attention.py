@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from vlp.matching import attention_scores
-from vlp.matching.masked import EPS, l2_normalize, masked_softmax, pool, zero_padding
+from vlp.matching.masked import (EPS, l2_normalize, masked_softmax, pool, safe_norm,
+                                 zero_empty_pairs, zero_padding)
 from vlp.matching.similarity_alignment import pair_masks
 
 POOLINGS = ("mean", "lse", "max", "sum")
@@ -41,12 +42,12 @@ def attended_cosines(att: jax.Array, dots: jax.Array, regions: jax.Array,
     num = jnp.sum(att * dots, axis=2)
     gram = jnp.einsum("ard,aqd->arq", regions, regions)
     sq_norm = jnp.einsum("abrl,arq,abql->abl", att, gram, att)
-    query_norm = jnp.sqrt(jnp.sum(tokens * tokens, axis=-1))[None, :, :]
+    query_norm = safe_norm(tokens)[None, :, :]
   else:
     num = jnp.sum(att * dots, axis=3)
     gram = jnp.einsum("bld,bmd->blm", tokens, tokens)
     sq_norm = jnp.einsum("abrl,blm,abrm->abr", att, gram, att)
-    query_norm = jnp.sqrt(jnp.sum(regions * regions, axis=-1))[:, None, :]
+    query_norm = safe_norm(regions)[:, None, :]
   # Clamp before the square root: an empty context has |a| = 0 (no inf gradient).
   context_norm = jnp.sqrt(jnp.maximum(sq_norm, EPS * EPS))
   return num / jnp.maximum(context_norm * query_norm, EPS)
@@ -55,7 +56,7 @@ def attended_cosines(att: jax.Array, dots: jax.Array, regions: jax.Array,
 def clipped_l2norm(sims: jax.Array, mask: jax.Array, axis: int, *, clip: str) -> jax.Array:
   """SCAN's normalisation of the alignment scores before the softmax: clip
   negatives (hard ReLU, or LeakyReLU(0.1) as SCAN's default) then divide by the
-  L2 norm over the real fragments of `axis` (plus 1e-8)."""
+  L2 norm over the real fragments of `axis` (plus 1e-8; at least 1e-8)."""
   if clip == "leaky_relu":
     clipped = jax.nn.leaky_relu(sims, 0.1)
   elif clip == "relu":
@@ -63,7 +64,7 @@ def clipped_l2norm(sims: jax.Array, mask: jax.Array, axis: int, *, clip: str) ->
   else:
     raise ValueError(f"SCAN clip must be 'leaky_relu' or 'relu', got {clip!r}")
   clipped = jnp.where(mask, clipped, 0.0)
-  return clipped / (jnp.sqrt(jnp.sum(clipped * clipped, axis=axis, keepdims=True)) + EPS)
+  return clipped / (safe_norm(clipped, axis=axis, keepdims=True) + EPS)
 
 
 def check_pooling(agg: str) -> None:
@@ -93,7 +94,8 @@ def scan_t2i(regions, region_mask, tokens, token_mask, *, lambda_softmax: float 
   normed = clipped_l2norm(sims, tmask, axis=3, clip=clip)
   att = masked_softmax(lambda_softmax * normed, rmask, axis=2)
   relevance = attended_cosines(att, sims, v, t, context="regions")  # [Bi, Bt, L]
-  return pool(relevance, token_mask[None], axis=2, how=agg, lambda_lse=lambda_lse)
+  scores = pool(relevance, token_mask[None], axis=2, how=agg, lambda_lse=lambda_lse)
+  return zero_empty_pairs(scores, region_mask, token_mask)
 
 
 def scan_i2t(regions, region_mask, tokens, token_mask, *, lambda_softmax: float = 4.0,
@@ -114,7 +116,8 @@ def scan_i2t(regions, region_mask, tokens, token_mask, *, lambda_softmax: float 
   normed = clipped_l2norm(sims, rmask, axis=2, clip=clip)
   att = masked_softmax(lambda_softmax * normed, tmask, axis=3)
   relevance = attended_cosines(att, sims, v, t, context="words")  # [Bi, Bt, R]
-  return pool(relevance, region_mask[:, None], axis=2, how=agg, lambda_lse=lambda_lse)
+  scores = pool(relevance, region_mask[:, None], axis=2, how=agg, lambda_lse=lambda_lse)
+  return zero_empty_pairs(scores, region_mask, token_mask)
 
 
 def damsm_word(regions, region_mask, tokens, token_mask, *, gamma1: float = 4.0,
@@ -139,7 +142,7 @@ def damsm_word(regions, region_mask, tokens, token_mask, *, gamma1: float = 4.0,
   att = masked_softmax(gamma1 * over_words, rmask, axis=2)
   relevance = attended_cosines(att, dots, v, t, context="regions")  # [Bi, Bt, L]
   lse = pool(relevance, token_mask[None], axis=2, how="lse", lambda_lse=gamma2)
-  return lse if paper_scaling else gamma2 * lse
+  return zero_empty_pairs(lse if paper_scaling else gamma2 * lse, region_mask, token_mask)
 
 
 def cross_attention(regions, region_mask, tokens, token_mask, *, score: str = "cosine",
@@ -164,4 +167,5 @@ def cross_attention(regions, region_mask, tokens, token_mask, *, score: str = "c
   att = masked_softmax(lambda_softmax * e, rmask, axis=2)
   dots = jnp.einsum("ard,bld->abrl", v, t)
   relevance = attended_cosines(att, dots, v, t, context="regions")
-  return pool(relevance, token_mask[None], axis=2, how=agg, lambda_lse=lambda_lse)
+  scores = pool(relevance, token_mask[None], axis=2, how=agg, lambda_lse=lambda_lse)
+  return zero_empty_pairs(scores, region_mask, token_mask)
