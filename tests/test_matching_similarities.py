@@ -290,3 +290,50 @@ def test_bad_names_and_missing_params_are_clear_errors():
     S.get_similarity("scan_i2t", agg="avg")(*make_inputs())
   with pytest.raises(ValueError, match="'general' needs params.*init_params"):
     S.get_similarity("cross_attention", score="general")(*make_inputs())
+
+
+# ---- chunked, sharded all-pairs scoring ----
+
+def traced_once(sim):
+  """sim, counting how often jit traces it (once per block shape)."""
+  def counted(*args, **kwargs):
+    counted.traces += 1
+    return sim(*args, **kwargs)
+  counted.traces = 0
+  return counted
+
+
+@pytest.mark.parametrize("name,hyper", [
+    ("scan_t2i", {"agg": "lse"}),
+    ("cross_attention", {"score": "biased"}),
+])
+def test_score_matrix_tiles_and_shards_to_the_same_scores(name, hyper):
+  from vlp.matching.score_matrix import score_matrix
+  from vlp.parallel.mesh import make_mesh
+  assert jax.device_count() == 8, "tests/conftest.py forces 8 CPU devices"
+  # 13 images x 11 texts: neither divides its block size, so last blocks are padded.
+  regions, region_mask, tokens, token_mask = make_inputs(
+      seed=6, num_images=13, num_regions=4, num_texts=11, num_tokens=5)
+  params = case_params(name, hyper)
+  sim = S.get_similarity(name, **hyper)
+  whole = np.asarray(call(sim, params, regions, region_mask, tokens, token_mask))
+
+  counted = traced_once(sim)
+  tiled = score_matrix(counted, regions, region_mask, tokens, token_mask,
+                       chunk_images=4, chunk_texts=3, params=params)
+  assert counted.traces == 1  # 4 x 4 blocks, one compilation
+  np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-6)
+
+  for mesh_cfg in ({"data": -1}, {"data": 4, "fsdp": 2}):
+    mesh = make_mesh(mesh_cfg)
+    sharded = score_matrix(sim, regions, region_mask, tokens, token_mask,
+                           chunk_images=8, chunk_texts=4, mesh=mesh, params=params)
+    assert sharded.shape == (13, 11) and sharded.dtype == np.float32
+    np.testing.assert_allclose(sharded, tiled, rtol=1e-5, atol=1e-6, err_msg=str(mesh_cfg))
+
+  with pytest.raises(ValueError, match="chunk_images=4 must be a multiple of the 8 image"):
+    score_matrix(sim, regions, region_mask, tokens, token_mask, chunk_images=4,
+                 chunk_texts=4, mesh=make_mesh({"data": -1}), params=params)
+  with pytest.raises(ValueError, match="regions are 6-d but tokens 5-d"):
+    score_matrix(sim, regions, region_mask, tokens[..., :5], token_mask,
+                 chunk_images=4, chunk_texts=4)
