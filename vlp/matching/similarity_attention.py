@@ -72,6 +72,28 @@ def check_pooling(agg: str) -> None:
     raise ValueError(f"unknown pooling {agg!r}; expected one of {POOLINGS}")
 
 
+def stacked_cross_attention(regions, region_mask, tokens, token_mask, *, queries: str,
+                            lambda_softmax: float, agg: str, lambda_lse: float, clip: str
+                            ) -> jax.Array:
+  """SCAN with `queries` ('words': t2i, 'regions': i2t) attending over the other side."""
+  check_pooling(agg)
+  v = l2_normalize(zero_padding(regions, region_mask))
+  t = l2_normalize(zero_padding(tokens, token_mask))
+  sims = jnp.einsum("ard,bld->abrl", v, t)
+  rmask, tmask = pair_masks(region_mask, token_mask)
+  # Normalise over the query fragments, attend over the context fragments, pool
+  # the queries' relevances.
+  query_axis, context_axis = (3, 2) if queries == "words" else (2, 3)
+  query_mask, context_mask = (tmask, rmask) if queries == "words" else (rmask, tmask)
+  normed = clipped_l2norm(sims, query_mask, axis=query_axis, clip=clip)
+  att = masked_softmax(lambda_softmax * normed, context_mask, axis=context_axis)
+  relevance = attended_cosines(att, sims, v, t,
+                               context="regions" if queries == "words" else "words")
+  pool_mask = token_mask[None] if queries == "words" else region_mask[:, None]
+  scores = pool(relevance, pool_mask, axis=2, how=agg, lambda_lse=lambda_lse)
+  return zero_empty_pairs(scores, region_mask, token_mask)
+
+
 def scan_t2i(regions, region_mask, tokens, token_mask, *, lambda_softmax: float = 9.0,
              agg: str = "mean", lambda_lse: float = 6.0, clip: str = "leaky_relu"
              ) -> jax.Array:
@@ -86,16 +108,9 @@ def scan_t2i(regions, region_mask, tokens, token_mask, *, lambda_softmax: float 
        'max' or 'sum'.
   SCAN's tuned values: lambda_softmax = 9, lambda_lse = 6.
   """
-  check_pooling(agg)
-  v = l2_normalize(zero_padding(regions, region_mask))
-  t = l2_normalize(zero_padding(tokens, token_mask))
-  sims = jnp.einsum("ard,bld->abrl", v, t)
-  rmask, tmask = pair_masks(region_mask, token_mask)
-  normed = clipped_l2norm(sims, tmask, axis=3, clip=clip)
-  att = masked_softmax(lambda_softmax * normed, rmask, axis=2)
-  relevance = attended_cosines(att, sims, v, t, context="regions")  # [Bi, Bt, L]
-  scores = pool(relevance, token_mask[None], axis=2, how=agg, lambda_lse=lambda_lse)
-  return zero_empty_pairs(scores, region_mask, token_mask)
+  return stacked_cross_attention(regions, region_mask, tokens, token_mask,
+                                 queries="words", lambda_softmax=lambda_softmax, agg=agg,
+                                 lambda_lse=lambda_lse, clip=clip)
 
 
 def scan_i2t(regions, region_mask, tokens, token_mask, *, lambda_softmax: float = 4.0,
@@ -108,16 +123,9 @@ def scan_i2t(regions, region_mask, tokens, token_mask, *, lambda_softmax: float 
   cos(v_r, sum_l alpha_rl t_l), pooled over the regions. SCAN's tuned values:
   lambda_softmax = 4, lambda_lse = 5 (Flickr30K) or 20 (COCO).
   """
-  check_pooling(agg)
-  v = l2_normalize(zero_padding(regions, region_mask))
-  t = l2_normalize(zero_padding(tokens, token_mask))
-  sims = jnp.einsum("ard,bld->abrl", v, t)
-  rmask, tmask = pair_masks(region_mask, token_mask)
-  normed = clipped_l2norm(sims, rmask, axis=2, clip=clip)
-  att = masked_softmax(lambda_softmax * normed, tmask, axis=3)
-  relevance = attended_cosines(att, sims, v, t, context="words")  # [Bi, Bt, R]
-  scores = pool(relevance, region_mask[:, None], axis=2, how=agg, lambda_lse=lambda_lse)
-  return zero_empty_pairs(scores, region_mask, token_mask)
+  return stacked_cross_attention(regions, region_mask, tokens, token_mask,
+                                 queries="regions", lambda_softmax=lambda_softmax, agg=agg,
+                                 lambda_lse=lambda_lse, clip=clip)
 
 
 def damsm_word(regions, region_mask, tokens, token_mask, *, gamma1: float = 4.0,
