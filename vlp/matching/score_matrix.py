@@ -116,14 +116,17 @@ def score_matrix(sim: Callable[..., jax.Array], regions, region_mask, tokens, to
     if params is not None:
       params = jax.device_put(params, replicated)
 
-  rows = []
+  # Blocks are dispatched asynchronously; a row of blocks is read back once the
+  # next row is queued, so the device holds at most two rows of scores.
+  rows, pending = [], None
   for i in range(0, padded_images, chunk_images):
     r = place(regions[i:i + chunk_images], image_sharding(3))
     rm = place(region_mask[i:i + chunk_images], image_sharding(2))
-    row = []
-    for j in range(0, padded_texts, chunk_texts):
-      row.append(compiled(r, rm, place(tokens[j:j + chunk_texts], replicated),
-                          place(token_mask[j:j + chunk_texts], replicated), params))
-    rows.append(row)  # Blocks are dispatched asynchronously; read them back at the end.
-  out = np.block([[np.asarray(b) for b in row] for row in rows])
-  return out[:num_images, :num_texts].astype(np.float32)
+    row = [compiled(r, rm, place(tokens[j:j + chunk_texts], replicated),
+                    place(token_mask[j:j + chunk_texts], replicated), params)
+           for j in range(0, padded_texts, chunk_texts)]
+    if pending is not None:
+      rows.append(np.concatenate([np.asarray(b) for b in pending], axis=1))
+    pending = row
+  rows.append(np.concatenate([np.asarray(b) for b in pending], axis=1))
+  return np.concatenate(rows)[:num_images, :num_texts].astype(np.float32)
