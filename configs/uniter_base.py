@@ -79,11 +79,14 @@ def get_config(arg=None):
   # with probability `neg_prob`); "balanced" (vlp) shows every caption and image of
   # an ITM batch once matched and once not, which cancels the single-modality
   # gradient noise (vlp.data.masking.make_itm_batch). Tiny needs it to leave the ITM
-  # plateau within a CPU demo. WRA: `wra_weight` times the optimal-transport
-  # word-region alignment, solved by IPOT with step `ot.beta`, `ot.iterations`
-  # outer and `ot.k` inner iterations.
+  # plateau within a CPU demo. "hardest" (after MVPTR) pairs half the batch with the
+  # hardest in-batch negatives of the other half, ranked by the vlp.matching
+  # similarity `hard_similarity` on single-modality backbone states (vlp.tasks.itm).
+  # WRA: `wra_weight` times the optimal-transport word-region alignment, solved by
+  # IPOT with step `ot.beta`, `ot.iterations` outer and `ot.k` inner iterations.
   c.itm = ml_collections.ConfigDict(dict(
-      negatives="balanced" if tiny else "random", neg_prob=0.5, wra_weight=0.1,
+      negatives="balanced" if tiny else "random", neg_prob=0.5,
+      hard_similarity="cosine_global", wra_weight=0.1,
       ot=dict(beta=0.5, iterations=50, k=1)))
 
   # Evaluation: held-out MLM/ITM accuracy on `eval_batches` fixed batches, and

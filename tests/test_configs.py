@@ -176,7 +176,8 @@ def test_pretraining_objectives_keep_their_values_in_subtrees():
   assert dict(tiny.itm.ot) == {"beta": 0.5, "iterations": 50, "k": 1}
   from vlp.train.task_mix import task_kwargs
   assert task_kwargs(tiny, "itm") == dict(wra_weight=0.1, ot_beta=0.5, ot_iterations=50,
-                                          ot_k=1)
+                                          ot_k=1, negatives="balanced",
+                                          hard_similarity="cosine_global")
   from vlp.data.batching import BatchSpec
   spec = BatchSpec.from_config(tiny, 32, masked=True)
   assert (spec.mlm_predictions, spec.mrm_predictions, spec.itm_negatives) == (8, 4, "balanced")

@@ -254,6 +254,17 @@ def test_itm_balanced_each_caption_and_image_once_matched_once_not(real, shared)
     np.testing.assert_array_equal(out[key][half:2 * half], batch[key][src])
 
 
+def test_itm_hardest_leaves_the_batch_matched_for_the_task_to_mine():
+  rng = np.random.default_rng(11)
+  batch = make_batch(rng, b=8)
+  out = masking.make_itm_batch(batch, rng, negatives='hardest')
+  assert out['itm_target'].dtype == np.int32 and out['itm_target'].tolist() == [1] * 8
+  for key in COMMON:
+    np.testing.assert_array_equal(out[key], batch[key])
+  with pytest.raises(ValueError, match='hardest ITM negatives.*itm_neg_prob must be 0.5'):
+    masking.make_itm_batch(batch, rng, neg_prob=0.3, negatives='hardest')
+
+
 def test_itm_balanced_same_image_everywhere_counted_and_rejects_other_ratio():
   rng = np.random.default_rng(10)
   batch = make_batch(rng, b=8)

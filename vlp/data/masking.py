@@ -226,15 +226,15 @@ def _draw_partners(image_id: np.ndarray, usable: np.ndarray, rng: np.random.Gene
   return partner, ok
 
 
-ITM_NEGATIVES = ('random', 'balanced')
+ITM_NEGATIVES = ('random', 'balanced', 'hardest')
 
 
 def check_itm_options(negatives: str, neg_prob: float) -> None:
   """Raises ValueError for an unknown sampler or a ratio that `balanced` cannot give."""
   if negatives not in ITM_NEGATIVES:
     raise ValueError(f'unknown ITM negatives {negatives!r}; expected one of {ITM_NEGATIVES}')
-  if negatives == 'balanced' and neg_prob != 0.5:
-    raise ValueError(f'balanced ITM negatives pair every caption once with its image '
+  if negatives in ('balanced', 'hardest') and neg_prob != 0.5:
+    raise ValueError(f'{negatives} ITM negatives pair every caption once with its image '
                      f'and once without: itm_neg_prob must be 0.5, got {neg_prob}')
 
 
@@ -258,6 +258,11 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   (docs/experiments.md, "The tiny demo: getting ITM off its plateau on a CPU"); the
   price is B/2 distinct pairs per batch. An odd last real row stays positive.
 
+  `negatives='hardest'` (a vlp option after MVPTR; `neg_prob` must be 0.5): the
+  batch leaves here all matched (`itm_target` 1) and the `itm` task replaces the
+  second half of the rows on the device with the hardest in-batch negatives of the
+  first half, as the current model ranks them (`vlp.tasks.itm.hardest_itm_pairs`).
+
   Either way nothing is masked, padding rows (example_mask False) are never
   negatives nor partners, and a negative without any partner of another image_id
   stays positive and is counted in `stats['itm_no_negative']`.
@@ -272,6 +277,8 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   usable = np.asarray(batch.get('example_mask', np.ones(b, bool)), bool)
   if negatives == 'balanced':
     return _balanced_itm_batch(batch, rng, image_id, usable, stats)
+  if negatives == 'hardest':
+    return dict(batch, itm_target=np.ones(b, np.int32))
   negative = (rng.random(b) < neg_prob) & usable
   partner, found = _draw_partners(image_id, usable, rng)
   _bump(stats, 'itm_no_negative', np.sum(negative & ~found))

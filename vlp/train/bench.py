@@ -55,6 +55,7 @@ def synthetic_batch(kind: str, *, batch: int, text_len: int, regions: int, cfg,
     b["img_feat"] = np.where(b["img_masked"][..., None], 0, b["img_feat"]).astype(np.float16)
   elif kind == "itm":
     b["itm_target"] = rng.integers(0, 2, batch, dtype=np.int32)
+    b["image_id"] = np.arange(batch, dtype=np.int32)  # itm.negatives="hardest" reads it
   return b
 
 
