@@ -19,6 +19,7 @@ from vlp.jobs.base import EvalContext, Feed, Job
 from vlp.jobs.pair_data import PairData
 from vlp.models.pretraining import UniterForPretraining
 from vlp.tasks import TASKS, make_loss_fn
+from vlp.train import flops
 from vlp.train.task_mix import loss_weights, task_kwargs, weighted
 
 
@@ -37,6 +38,8 @@ def make_pretrain_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
                 for n in names},
       batch_kinds={n: TASKS[n].batch_kind for n in names},
       evaluate=functools.partial(evaluate_pretraining, data=data),
+      flops_per_example={n: flops.train_flops_per_example(model_cfg, n, **flops.batch_shapes(config))
+                         for n in names if n in flops.COUNTED_TASKS},
       model_info={"model_class": "UniterForPretraining",
                   "model_config": dataclasses.asdict(model_cfg),
                   "tokenizer": data.tokenizer.path})
