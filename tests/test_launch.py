@@ -23,6 +23,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(REPO, "launch", "slurm_gpu.sbatch")
 TPU_WORKER = os.path.join(REPO, "launch", "tpu_worker.sh")
+TPU_VM = os.path.join(REPO, "launch", "tpu_vm.sh")
 SLURM = {"SLURM_SUBMIT_DIR": REPO, "SLURM_GPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "8",
          "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "12"}
 
@@ -163,3 +164,82 @@ def test_launchers_pass_shellcheck():
   out = subprocess.run([_shellcheck(), "--shell=bash", *scripts], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=120)
   assert out.returncode == 0, out.stdout
+
+
+def test_tpu_worker_detached_run_status_and_stop(tmp_path):
+  venv, logs, started = tmp_path / "venv", tmp_path / "logs", tmp_path / "started"
+  (venv / "bin").mkdir(parents=True)
+  (venv / ".vlp_ready").write_text("")
+  python = venv / "bin" / "python"
+  # The run: says what it runs, then on SIGTERM "saves" and exits 42, as vlp does.
+  python.write_text(f'#!/bin/bash\nif [[ "$1" == -c ]]; then exec {sys.executable} -S "$@"; fi\n'
+                    f'echo "running $*"\ntrap \'echo "checkpoint written"; exit 42\' TERM\n'
+                    f'touch {started}\nwhile :; do sleep 0.05; done\n')
+  python.chmod(0o755)
+  env = dict(VENV=str(venv), LOG_DIR=str(logs), PYTHONPATH=_stub_package(tmp_path, "libtpu"))
+
+  def worker(*args):
+    return _run(["bash", TPU_WORKER, *args], env)
+
+  out = worker("--detach", "--config=configs/uniter_base.py")
+  assert out.returncode == 0 and "started in the background" in out.stdout, out.stdout
+  deadline = time.time() + 60
+  while not started.exists() and time.time() < deadline:
+    time.sleep(0.05)
+  (group_file,) = glob.glob(str(logs / "*.pgid"))
+  group = int(open(group_file).read())
+  try:
+    # Its own session: the ssh session that started it can end.
+    assert os.getsid(group) == group != os.getsid(0)
+    assert ": running (process group" in worker("--status").stdout
+    again = worker("--detach", "--config=configs/uniter_base.py")
+    assert again.returncode == 1 and "already runs" in again.stdout
+    assert "SIGTERM sent" in worker("--stop").stdout
+    deadline = time.time() + 60
+    while not glob.glob(str(logs / "*.status")) and time.time() < deadline:
+      time.sleep(0.05)
+  finally:
+    try:
+      os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  (status_file,) = glob.glob(str(logs / "*.status"))
+  assert open(status_file).read() == "42\n"
+  assert "pre-empted (status 42), checkpoint written" in worker("--status").stdout
+  (log,) = glob.glob(str(logs / "*.log"))
+  text = open(log).read()
+  assert "running -m vlp.pretrain --config=configs/uniter_base.py" in text
+  assert text.rstrip().endswith("checkpoint written")
+
+
+def _fake_gcloud(tmp_path, state):
+  """A `gcloud` that appends each call's arguments to a file; `describe` prints `state`."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  calls = tmp_path / "gcloud.txt"
+  script = bin_dir / "gcloud"
+  script.write_text(f'#!/bin/bash\necho "$*" >> {calls}\n'
+                    f'if [[ "$4" == describe ]]; then echo {state}; fi\n')
+  script.chmod(0o755)
+  return dict(ZONE="us-west4-a", PATH=f"{bin_dir}:{os.environ['PATH']}",
+              LOG_DIR="/mnt/logs"), calls
+
+
+def test_tpu_vm_up_recreates_a_preempted_slice_and_starts_detached(tmp_path):
+  env, calls = _fake_gcloud(tmp_path, "PREEMPTED")
+  out = _run(["bash", TPU_VM, "up", "vlp-x", "--", "--workdir=/mnt/shared/run"], env)
+  assert out.returncode == 0, out.stdout
+  verbs = [line.split()[3] for line in calls.read_text().splitlines()]
+  assert verbs == ["describe", "delete", "create", "scp", "ssh", "ssh"], verbs
+  last = calls.read_text().splitlines()[-1]
+  assert "--worker=all" in last and last.endswith(
+      "--command=cd ~/vlp && LOG_DIR=/mnt/logs bash launch/tpu_worker.sh --detach "
+      "--workdir=/mnt/shared/run ")
+
+
+def test_tpu_vm_up_reuses_a_ready_slice(tmp_path):
+  env, calls = _fake_gcloud(tmp_path, "READY")
+  out = _run(["bash", TPU_VM, "up", "vlp-x", "--", "--workdir=/mnt/shared/run"], env)
+  assert out.returncode == 0, out.stdout
+  assert [line.split()[3] for line in calls.read_text().splitlines()] == [
+      "describe", "scp", "ssh", "ssh"]
