@@ -55,6 +55,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `job_factory` (default: the job `config.job` names, `vlp.jobs`) supplies data,
   model, objectives and evaluation. `devices` (default: all) lets a single-process
   run use a subset, e.g. a one-device reference inside an 8-device test process.
+  Raises `preemption.Preempted` after a SIGTERM, once its checkpoint is written.
   """
   os.makedirs(workdir, exist_ok=True)
   if config.compilation_cache_dir:
@@ -206,6 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           last_eval = evaluate(state.params, step=step)
         except preemption_lib.Preempted as why:
           stop(step, why, eval_pending=True)
+      # After the evaluation: a checkpoint at an eval step means that evaluation ran.
       if step % config.checkpoint_every == 0 and step != config.total_steps:
         save(step)
     if ckpt.latest_step() != step:
