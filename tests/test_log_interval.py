@@ -55,3 +55,13 @@ def test_no_mfu_without_a_peak_or_a_task_count():
     ("TPU v4", 275e12), ("TPU v6 lite", 918e12), ("cpu", None), ("NVIDIA GeForce RTX 4090", None)])
 def test_peak_flops_by_device_kind(kind, peak):
   assert flops.peak_flops(types.SimpleNamespace(device_kind=kind)) == peak
+
+
+def test_encoder_flops_by_hand():
+  cfg = types.SimpleNamespace(hidden_size=4, intermediate_size=8, num_layers=2, img_dim=6,
+                              img_pos_dim=7)
+  config = types.SimpleNamespace(max_text_len=3, max_regions=2)
+  embed = 2 * 2 * (6 * 4 + 7 * 4)  # Region features and positions -> H, per region.
+  layer = 2 * 5 * (4 * 4 * 4 + 2 * 4 * 8) + 2 * 2 * 5 * 5 * 4  # Projections, FFN; QK^T, AV.
+  pooler = 2 * 4 * 4
+  assert flops.encoder_train_flops_per_example(cfg, config) == 3 * (embed + 2 * layer + pooler)

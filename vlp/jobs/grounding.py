@@ -25,7 +25,7 @@ from vlp.jobs.base import EvalContext, Feed, Job
 from vlp.jobs.task_data import TaskData
 from vlp.models.downstream import UniterForGrounding
 from vlp.tasks import make_loss_fn
-from vlp.train import metrics as metrics_lib
+from vlp.train import flops, metrics as metrics_lib
 
 
 def make_grounding_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
@@ -37,7 +37,8 @@ def make_grounding_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
       evaluate=functools.partial(evaluate_grounding, data=data),
       init_params=base.init_params_fn(config, model_cfg),
       eval_file=f"eval_{config.eval_split}.json",
-      model_info=base.model_info(UniterForGrounding, model_cfg, data.tokenizer))
+      model_info=base.model_info(UniterForGrounding, model_cfg, data.tokenizer),
+      flops_per_example={"grounding": flops.encoder_train_flops_per_example(model_cfg, config)})
 
 
 def region_scores(model, batch):
