@@ -25,7 +25,7 @@ from vlp.jobs.base import EvalContext, Feed, Job
 from vlp.jobs.task_data import TaskData
 from vlp.models.downstream import UniterForGrounding
 from vlp.tasks import make_loss_fn
-from vlp.train import metrics as metrics_lib
+from vlp.train import flops, metrics as metrics_lib
 
 
 def make_grounding_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
@@ -38,7 +38,8 @@ def make_grounding_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
       init_params=base.init_params_fn(config, model_cfg),
       eval_file=f"eval_{config.eval_split}.json",
       model_info=base.model_info(UniterForGrounding, model_cfg, data.tokenizer,
-                                 mlp=config.grounding_mlp))
+                                 mlp=config.grounding_mlp),
+      flops_per_example={"grounding": flops.encoder_train_flops_per_example(model_cfg, config)})
 
 
 def grounding_model(config: ml_collections.ConfigDict, model_cfg):

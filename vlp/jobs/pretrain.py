@@ -18,6 +18,7 @@ from vlp.jobs.base import EvalContext, Feed, Job, init_params_fn, model_info
 from vlp.jobs.pair_data import PairData
 from vlp.models.pretraining import UniterForPretraining
 from vlp.tasks import TASKS, make_loss_fn
+from vlp.train import flops
 from vlp.train.task_mix import loss_weights, task_kwargs, weighted
 
 
@@ -39,6 +40,8 @@ def make_pretrain_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
       # `config.init_from` (e.g. BERT imported by vlp.tools.import_uniter): the
       # entries it has; the rest stay as initialised.
       init_params=init_params_fn(config, model_cfg),
+      flops_per_example={n: flops.train_flops_per_example(model_cfg, n, **flops.batch_shapes(config))
+                         for n in names if n in flops.COUNTED_TASKS},
       model_info=model_info(UniterForPretraining, model_cfg, data.tokenizer))
 
 
