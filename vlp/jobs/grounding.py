@@ -25,19 +25,30 @@ from vlp.jobs.base import EvalContext, Feed, Job
 from vlp.jobs.task_data import TaskData
 from vlp.models.downstream import UniterForGrounding
 from vlp.tasks import make_loss_fn
-from vlp.train import metrics as metrics_lib
+from vlp.train import flops, metrics as metrics_lib
 
 
 def make_grounding_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
   data = TaskData(config, feed, "re")
   model_cfg = data_setup.model_config_for(config, data.tokenizer)
   return Job(
-      data=data, make_model=functools.partial(UniterForGrounding, model_cfg),
+      data=data, make_model=grounding_model(config, model_cfg),
       loss_fns={"grounding": make_loss_fn("grounding")}, batch_kinds={"grounding": "re"},
       evaluate=functools.partial(evaluate_grounding, data=data),
       init_params=base.init_params_fn(config, model_cfg),
       eval_file=f"eval_{config.eval_split}.json",
-      model_info=base.model_info(UniterForGrounding, model_cfg, data.tokenizer))
+      model_info=base.model_info(UniterForGrounding, model_cfg, data.tokenizer,
+                                 mlp=config.grounding_mlp),
+      flops_per_example={"grounding": flops.encoder_train_flops_per_example(model_cfg, config)})
+
+
+def grounding_model(config: ml_collections.ConfigDict, model_cfg):
+  """`make_model(rngs=...)`: the grounding model with `config.grounding_mlp` head layers
+  (1: one Linear, the reference's RefCOCO / RefCOCOg head; 2: its RefCOCO+ head)."""
+  if config.grounding_mlp not in (1, 2):
+    raise ValueError(f"config.grounding_mlp must be 1 or 2 (layers of the region-scoring "
+                     f"head), got {config.grounding_mlp!r}")
+  return functools.partial(UniterForGrounding, model_cfg, mlp=config.grounding_mlp)
 
 
 def region_scores(model, batch):
