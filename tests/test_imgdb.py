@@ -8,11 +8,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from vlp.data import prepare, prepared
+from vlp.data import pipeline, prepare, prepared
+from vlp.data.batching import BatchSpec
 from vlp.data.features import (BadInput, BuildReport, LmdbFeatures, RecordFormat,
                                TsvFeatures, image_record, open_source)
 from vlp.data.features.tsv import expand_paths
 from vlp.data.image_records import ImageRecords
+from vlp.data.tokenizer import Tokenizer
 
 from real_format_fixtures import (UNITER_ENV, msgpack_numpy, uniter_image, write_uniter_db)
 from test_builders_karpathy import write_images
@@ -119,6 +121,25 @@ def test_prepare_coco_from_the_image_dbs(tmp_path):
   assert rec['image_id'] == 25
   np.testing.assert_array_equal(rec['features'], truth[25]['features'][:10])
   np.testing.assert_array_equal(rec['soft_labels'], truth[25]['soft_labels'][:10])
+  # Mixed with a build of the same images without soft labels (the TSV next to the
+  # Karpathy file): those rows get zeros; a build without any gives C = 0.
+  plain, _ = prepare.prepare('coco_karpathy', manual_dir=manual, data_dir=tmp_path / 'tsv',
+                             feature_dim=D, test_fold_size=0, spm_vocab_size=60)
+  tok = Tokenizer(os.path.join(os.fspath(builder.data_dir), 'spm.model'))
+  spec = BatchSpec(batch_size=16, max_text_len=12, max_regions=10, feature_dim=D,
+                   num_region_classes=7)
+  mixed = next(pipeline.make_mixture_iterator(
+      [(builder, ['train', 'restval'], 1), (plain, ['train'], 1)], spec, tokenizer=tok,
+      kind_for_index=None, seed=0))
+  labelled = mixed['soft_labels'].any((1, 2))
+  assert mixed['soft_labels'].shape == (16, 10, 7) and 0 < labelled.sum() < 16
+  for row in np.flatnonzero(labelled):
+    want = truth[int(mixed['image_id'][row])]['soft_labels'][:10]
+    np.testing.assert_array_equal(mixed['soft_labels'][row, :, :C], want)
+  assert not mixed['soft_labels'][:, :, C:].any()
+  alone = next(pipeline.make_train_iterator(plain, spec, tokenizer=tok,
+                                            kind_for_index=lambda i: 'mrm', seed=0))
+  assert alone['soft_labels'].shape == (16, 10, 0) and alone['mrc_target'].shape[-1] == 0
 
 
 def test_tsv_folder_with_train_in_parts(tmp_path):

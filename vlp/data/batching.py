@@ -33,7 +33,11 @@ class BatchSpec:
     max_regions: K; an image with more regions keeps its first K (most confident).
     feature_dim: D the model expects; a dataset with another D is an error.
     num_region_classes: C of `soft_labels`; None keeps the stored C, a larger value
-      pads with zero probabilities (e.g. 1601 for a detector-sized MRC head).
+      pads with zero probabilities (e.g. 1601 for a detector-sized MRC head). Records
+      without soft labels give C = 0 whatever this says: zeros would be MRC targets
+      that teach nothing (the tasks that read them refuse such data at start-up),
+      and a [B, K, 1601] array of them costs as much to build and send as the
+      features.
     max_mlm_predictions / max_mrm_predictions: prediction slots P / Pr (the caps);
       None derives a cap that is hit in well under 1% of examples.
   """
@@ -89,6 +93,15 @@ def _default_cap(n: int, p: float) -> int:
   return int(min(n, max(1, math.ceil(mean + 3.3 * sd + 1))))
 
 
+def classes_for(spec: BatchSpec, stored: list[int]) -> int:
+  """C of `soft_labels` for records storing `stored` classes (one per split or part):
+  0 when none stores soft labels, else `spec.num_region_classes` (None: the most
+  stored)."""
+  if not max(stored, default=0):
+    return 0
+  return max(stored) if spec.num_region_classes is None else spec.num_region_classes
+
+
 def shard_range(num: int, process_index: int, process_count: int):
   """Contiguous slice [lo, hi) of `num` images or examples that data shard
   `process_index` of `process_count` takes (sizes differ by at most 1)."""
@@ -105,14 +118,14 @@ class Batcher:
   'pairs' none (the kinds of `apply_kind` add theirs), 'vqa' `vqa_targets` over
   `num_answers` labels and `question_id`, 're' `img_boxes`, `target_region`,
   `gt_box` and `ref_id`. Rows past the examples are padding: `example_mask`
-  False, all zero, ids -1.
+  False, all zero, ids -1. `num_classes` (C of `soft_labels`) defaults to
+  `classes_for(spec, [images.num_classes])`.
   """
 
   def __init__(self, images: ImageRecords, spec: BatchSpec, tokenizer: Tokenizer, index,
-               num_answers: int = 0):
-    num_classes = spec.num_region_classes
+               num_answers: int = 0, num_classes: int | None = None):
     if num_classes is None:
-      num_classes = images.num_classes
+      num_classes = classes_for(spec, [images.num_classes])
     if num_classes < images.num_classes:
       raise ValueError(f'split {images.split!r} of {images.name} has {images.num_classes} '
                        f'region classes, config asks for {num_classes}')

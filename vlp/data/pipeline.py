@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from vlp.data.batching import Batcher, BatchSpec, shard_range
+from vlp.data.batching import Batcher, BatchSpec, classes_for, shard_range
 from vlp.data.examples import PairIndex
 from vlp.data import mixture
 from vlp.data.image_records import NUM_CAPTIONS, ConcatRecords, ImageRecords
@@ -67,18 +67,18 @@ def make_mixture_iterator(parts: Sequence[tuple], spec: BatchSpec, *, tokenizer:
   `config.data`) is kept in the stream state; the other arguments are those of
   `make_train_iterator`.
   """
-  batchers = []
+  slices = []
   for builder, splits, _ in parts:
     images = open_splits(builder, list(splits), spec.feature_dim)
     lo, hi = shard_range(len(images), process_index, process_count)
     if hi <= lo:
       raise ValueError(f'split {images.split!r} of {images.name} has {len(images)} images: '
                        f'too few for {process_count} processes')
-    batchers.append(Batcher(images, spec, tokenizer, PairIndex(lo, hi)))
-  classes = {(b.images.name, b.images.split): b.num_classes for b in batchers}
-  if len(set(classes.values())) > 1:
-    raise ValueError(f'the parts of a mixture store different soft-label classes {classes}; '
-                     'set config.num_region_classes to the largest')
+    slices.append((images, lo, hi))
+  # One C for every part: parts without soft labels get zeros where others have some.
+  classes = classes_for(spec, [images.num_classes for images, _, _ in slices])
+  batchers = [Batcher(images, spec, tokenizer, PairIndex(lo, hi), num_classes=classes)
+              for images, lo, hi in slices]
   return train_iterator(batchers, seed=seed, process_index=process_index,
                         kind_for_index=kind_for_index, start_index=start_index,
                         worker_count=worker_count, num_threads=num_threads,
