@@ -8,8 +8,10 @@ they are shuffled with a permutation drawn from (seed, shard, epoch, the index's
 shuffle tag), epochs follow each other seamlessly, forever. Batch i is built and
 optionally turned into a task batch (`kind_for_index(i)`) with a masking RNG
 drawn from (seed, i, shard) only, so batch i is a pure function of (seed, i):
-resuming means starting at index i. grain provides the parallelism: reader
-threads per process and optionally worker processes.
+resuming means starting at index i. With several batchers (the parts of a data
+mixture, vlp.data.mixture) the shard's stream positions are dealt to the parts in
+closed form, so this still holds. grain provides the parallelism: reader threads
+per process and optionally worker processes.
 
 Evaluation (`EvalDataset`): the index holds a whole split, cut into contiguous
 data shards; every shard gets the same number of batches, so every process runs

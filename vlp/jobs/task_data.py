@@ -15,9 +15,8 @@ import functools
 import os
 
 import ml_collections
-import tensorflow_datasets as tfds
 
-from vlp.data import downstream, shards as shards_lib, vqa_targets
+from vlp.data import downstream, prepared, shards as shards_lib, vqa_targets
 from vlp.data.batching import BatchSpec
 from vlp.jobs import data_setup
 from vlp.jobs.base import Feed
@@ -87,13 +86,11 @@ class TaskData:
     if self.layout != "examples":
       raise ValueError(f"config.det_data_dir is for the refcoco builders; config.data="
                        f"{self.config.data!r} has no detected-region build")
+    name = self.config.data.partition("/")[0]  # its one build there, named as it may be
     try:
-      builder = tfds.builder(self.config.data, data_dir=det_dir)
-    except Exception as e:  # tfds raises several types for unknown names.
-      raise ValueError(f"config.det_data_dir={det_dir!r}: no {self.config.data!r} build there "
-                       f"({e})") from e
-    if not builder.is_prepared():
-      raise FileNotFoundError(f"config.det_data_dir={det_dir!r}: {self.config.data!r} is not "
-                              "prepared there (build it with `python -m vlp.data.prepare` "
-                              "from detector features)")
-    return builder
+      return prepared.open_prepared(name, "", det_dir)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.det_data_dir={det_dir!r}: {e} (build it with `python "
+                              "-m vlp.data.prepare` from detector features)") from e
+    except ValueError as e:
+      raise ValueError(f"config.det_data_dir={det_dir!r}: {e}") from e
