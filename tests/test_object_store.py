@@ -204,6 +204,30 @@ def test_export_to_and_init_from_the_object_store(runs):
   assert tok.path == f"{out}/spm.model" and tok.vocab_size == model_cfg.vocab_size
   with pytest.raises(FileExistsError, match="already holds a checkpoint"):
     pretrained.export_workdir(runs["run"], out)
+  # The importer reads a reference checkpoint and its json from gs:// and writes there:
+  # the exported safetensors file (reference torch names) comes back as the same tree.
+  fields = dict(vocab_size="vocab_size", hidden_size="hidden_size",
+                num_hidden_layers="num_layers", num_attention_heads="num_heads",
+                intermediate_size="intermediate_size",
+                max_position_embeddings="max_position_embeddings")
+  (epath.Path(BUCKET) / "uniter.json").write_text(json.dumps(
+      {theirs: getattr(model_cfg, ours) for theirs, ours in fields.items()}))
+  from vlp.tools import import_uniter
+  import_uniter.import_checkpoint(
+      f"{out}/model.safetensors", f"{BUCKET}/uniter.json", f"{BUCKET}/imported",
+      tokenizer=f"{out}/spm.model", img_dim=model_cfg.img_dim,
+      num_region_classes=model_cfg.num_region_classes)
+  got = pretrained.flatten(pretrained.load_params_for_init(f"{BUCKET}/imported", model_cfg))
+  assert set(got) == set(want)
+  for p in want:
+    np.testing.assert_allclose(np.asarray(got[p]), want[p], rtol=1e-5, atol=1e-7, err_msg=str(p))
+
+
+def test_prepare_refuses_object_store_paths_clearly(bucket):
+  from vlp.data import prepare
+  with pytest.raises(ValueError, match=r"--data_dir=gs://vlp-test/tfds: preparing reads and "
+                     r"writes local files only .* config.data_dir on the object store"):
+    prepare.prepare("coco_karpathy", manual_dir="manual", data_dir=f"{BUCKET}/tfds")
 
 
 def test_tokenizers_load_from_the_object_store(runs, bucket):
