@@ -6,8 +6,8 @@ that keeps objects in a local folder and, like GCS, refuses appends. Orbax
 writes array data through tensorstore's GCS driver, which cannot be pointed at
 a folder, so its kvstore spec for gs:// paths is replaced by a file spec into
 the same folder (and its bucket lookup answers "no hierarchical namespace").
-Everything else, vlp's code and orbax's object-store code paths (commit files
-instead of renames), runs as it would against GCS. Any file vlp opened with the
+Everything else, vlp's code and orbax's code for gs:// paths, runs as it would
+against GCS. Any file vlp opened with the
 local file system instead would land under `./gs:/` in the working directory,
 which each test checks stays empty.
 """
@@ -43,6 +43,7 @@ def bucket(tmp_path_factory):
   from orbax.checkpoint._src.path import gcs_utils
 
   root = tmp_path_factory.mktemp("bucket")
+  open_ = [True]
 
   class LocalBucket(DirFileSystem):
     protocol = ("gs", "gcs")
@@ -50,6 +51,11 @@ def bucket(tmp_path_factory):
     def __init__(self, *args, **kwargs):
       del args, kwargs  # gcsfs's options
       super().__init__(path=str(root), fs=LocalFileSystem(auto_mkdir=True))
+
+    def _join(self, path):  # Every call maps its paths here.
+      if not open_[0]:
+        raise OSError("the fake gs:// of tests/test_object_store.py is closed")
+      return super()._join(path)
 
     def open(self, path, mode="rb", *args, **kwargs):
       if "a" in mode or "+" in mode:
@@ -60,19 +66,15 @@ def bucket(tmp_path_factory):
     name, key = gcs_utils.parse_gcs_path(path, add_trailing_slash=False)
     return {"driver": "file", "path": os.path.join(root, name, key)}
 
-  before = fsspec.registry.get("gs"), fsspec.registry.get("gcs")
+  # epath keeps the first file system it gets for a protocol for the whole process,
+  # so the fake stays registered; once this module is done it refuses every call.
   for protocol in LocalBucket.protocol:
     fsspec.register_implementation(protocol, LocalBucket, clobber=True)
-  epath_fs = epath.Path(BUCKET)._backend  # epath caches one file system per protocol.
-  epath_fs._get_filesystem.cache_clear()
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(gcs_utils, "get_kvstore_for_gcs", file_kvstore)
     mp.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
     yield root
-  for protocol, cls in zip(LocalBucket.protocol, before):
-    if cls is not None:
-      fsspec.register_implementation(protocol, cls, clobber=True)
-  epath_fs._get_filesystem.cache_clear()
+  open_[0] = False
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +115,9 @@ def runs(bucket, tmp_path_factory):
   remote_cfg = tiny_config(f"{BUCKET}/data", **overrides)
   run = f"{BUCKET}/run"
 
-  class StopAt2(loop.Preemption):
+  real = loop.Preemption
+
+  class StopAt2(real):
     def should_stop(self, step):
       return step >= 2
 
@@ -122,7 +126,7 @@ def runs(bucket, tmp_path_factory):
     mp.setattr(loop, "Preemption", StopAt2)
     loop.train_and_evaluate(remote_cfg, run, devices=ONE)
     first = (epath.Path(run) / "metrics.jsonl").read_text()
-    mp.setattr(loop, "Preemption", StopAt2.__mro__[1])
+    mp.setattr(loop, "Preemption", real)
     loop.train_and_evaluate(remote_cfg, run, devices=ONE)
     # The reference reads the same (staged) records.
     ref_cfg = tiny_config(local / "cache" / "gs" / "vlp-test" / "data", **overrides)
