@@ -14,9 +14,7 @@ which each test checks stays empty.
 
 import json
 import os
-import struct
 
-import jax
 import numpy as np
 import pytest
 from etils import epath
@@ -29,7 +27,7 @@ from vlp.data.wordpiece import WordPieceTokenizer
 from vlp.jobs import data_setup
 from vlp.train import loop
 
-from test_train_loop import ONE, tiny_config
+from test_train_loop import ONE, event_scalars, tiny_config
 
 BUCKET = "gs://vlp-test"
 
@@ -84,21 +82,6 @@ def _no_local_gs_files(tmp_path, monkeypatch):
   assert not os.path.exists("gs:"), "something wrote a gs:// path to the local disk"
 
 
-def _events(files) -> dict[tuple[str, int], float]:
-  """(tag, step) -> value in TensorBoard event files (TFRecord-framed Event protos)."""
-  from tensorboardX.proto import event_pb2
-  out = {}
-  for path in files:
-    data, pos = path.read_bytes(), 0
-    while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      for v in event.summary.value:
-        out[(v.tag, event.step)] = v.simple_value
-  return out
-
-
 def _losses(metrics_jsonl: str) -> dict[int, tuple[str, float]]:
   lines = [json.loads(x) for x in metrics_jsonl.splitlines()]
   return {r["step"]: (r["task"], r[f"loss/{r['task']}"]) for r in lines}
@@ -147,7 +130,7 @@ def test_pretraining_writes_its_workdir_to_the_object_store_and_resumes(runs, bu
   # Two event files (one per part), together holding every logged loss.
   event_files = list(run.glob("events.out.tfevents.*"))
   assert len([f for f in event_files if f.name.endswith(".metrics")]) == 2
-  events = _events(event_files)
+  events = event_scalars(run)
   for step, (task, loss) in got.items():
     assert events[(f"loss/{task}", step)] == pytest.approx(loss, rel=1e-6)
   ev = json.loads((run / "eval.json").read_text())

@@ -92,16 +92,16 @@ def _losses(workdir):
   return {r["step"]: (r["task"], r[f"loss/{r['task']}"]) for r in _records(workdir)}
 
 
-def _events(workdir) -> dict[tuple[str, int], float]:
-  """(tag, step) -> value of every scalar in the run's event files. The TFRecord
-  framing (length, crc, data, crc) is read here; the payload is an Event proto."""
+def event_scalars(workdir) -> dict[tuple[str, int], float]:
+  """(tag, step) -> value of every scalar in the run's event files (`workdir` local
+  or any epath). The TFRecord framing (length, crc, data, crc) is read here; the
+  payload is an Event proto."""
   import struct
+  from etils import epath
   from tensorboardX.proto import event_pb2
   out = {}
-  for name in os.listdir(workdir):
-    if not name.startswith("events.out.tfevents."):
-      continue
-    data = open(os.path.join(workdir, name), "rb").read()
+  for path in epath.Path(workdir).glob("events.out.tfevents.*"):
+    data = path.read_bytes()
     pos = 0
     while pos < len(data):
       (length,) = struct.unpack("<Q", data[pos:pos + 8])
@@ -114,7 +114,7 @@ def _events(workdir) -> dict[tuple[str, int], float]:
 
 def _check_tensorboard_and_profile(workdir, losses):
   # Every logged loss and the last evaluation are in the TensorBoard event files.
-  events = _events(workdir)
+  events = event_scalars(workdir)
   for step, (task, loss) in losses.items():
     assert events[(f"loss/{task}", step)] == pytest.approx(loss, rel=1e-6)
   with open(workdir / "eval.json") as f:
