@@ -12,6 +12,7 @@ local file system instead would land under `./gs:/` in the working directory,
 which each test checks stays empty.
 """
 
+import copy
 import json
 import os
 
@@ -22,8 +23,7 @@ from etils import epath
 from vlp import checkpoint as ckpt_lib
 from vlp import pretrained
 from vlp.data import records, scenes, staging
-from vlp.data.tokenizer import Tokenizer
-from vlp.data.wordpiece import WordPieceTokenizer
+from vlp.data.tokenizer import Tokenizer, WordPieceTokenizer
 from vlp.jobs import data_setup
 from vlp.train import loop
 
@@ -186,9 +186,21 @@ def test_export_to_and_init_from_the_object_store(runs):
   np.testing.assert_allclose(
       tensors["uniter.embeddings.word_embeddings.weight"],
       want[("uniter", "embeddings", "word_embeddings", "embedding")], rtol=1e-5, atol=1e-7)
-  assert pretrained.tokenizer_of(out) == f"{out}/spm.model"
+  assert pretrained.tokenizer_of(out) == (f"{out}/spm.model", False)
   model, tok = pretrained.load_pretrained(out)
   assert tok.path == f"{out}/spm.model" and tok.vocab_size == model_cfg.vocab_size
+  # A run initialised from it takes its tokenizer; a gs:// copy of the same bytes
+  # named by config.tokenizer is accepted, another file is refused.
+  cfg = copy.deepcopy(runs["cfg"])
+  builder = data_setup.open_builder(cfg)
+  assert data_setup.resolve_tokenizer(cfg, builder, init_from=out) == (f"{out}/spm.model", False)
+  (epath.Path(BUCKET) / "copy.model").write_bytes((epath.Path(out) / "spm.model").read_bytes())
+  cfg.tokenizer = f"{BUCKET}/copy.model"
+  assert data_setup.resolve_tokenizer(cfg, builder, init_from=out) == (f"{out}/spm.model", False)
+  (epath.Path(BUCKET) / "other.model").write_bytes(b"not the same")
+  cfg.tokenizer = f"{BUCKET}/other.model"
+  with pytest.raises(ValueError, match="is not the tokenizer"):
+    data_setup.resolve_tokenizer(cfg, builder, init_from=out)
   with pytest.raises(FileExistsError, match="already holds a checkpoint"):
     pretrained.export_workdir(runs["run"], out)
   # The importer reads a reference checkpoint and its json from gs:// and writes there:
