@@ -25,6 +25,7 @@ from vlp import pretrained
 from vlp.data import records, scenes, staging
 from vlp.data.tokenizer import Tokenizer, WordPieceTokenizer
 from vlp.jobs import data_setup
+from vlp.parallel import preemption
 from vlp.train import loop
 
 from test_train_loop import ONE, event_scalars, tiny_config
@@ -101,13 +102,17 @@ def runs(bucket, tmp_path_factory):
   real = loop.Preemption
 
   class StopAt2(real):
-    def should_stop(self, step):
-      return step >= 2
+    calls = 0  # One call after each train step (no evaluation before step 4).
+
+    def should_stop(self):
+      self.calls += 1
+      return self.calls >= 2
 
   with pytest.MonkeyPatch.context() as mp:
     mp.chdir(local)
     mp.setattr(loop, "Preemption", StopAt2)
-    loop.train_and_evaluate(remote_cfg, run, devices=ONE)
+    with pytest.raises(preemption.Preempted):
+      loop.train_and_evaluate(remote_cfg, run, devices=ONE)
     first = (epath.Path(run) / "metrics.jsonl").read_text()
     mp.setattr(loop, "Preemption", real)
     loop.train_and_evaluate(remote_cfg, run, devices=ONE)

@@ -191,7 +191,7 @@ def test_logged_losses_are_interval_means(data_dir, reference, tmp_path):
                           devices=ONE)
   records = _records(run_dir)
   assert [r["step"] for r in records] == [3, 6, 8]
-  events = _events(run_dir)
+  events = event_scalars(run_dir)
   previous = 0
   for r in records:
     step = r["step"]
