@@ -28,7 +28,7 @@ from vlp.jobs import data_setup
 from vlp.parallel import preemption
 from vlp.train import loop
 
-from test_train_loop import ONE, event_scalars, tiny_config
+from test_train_loop import ONE, event_scalars, stop_after, tiny_config
 
 BUCKET = "gs://vlp-test"
 
@@ -100,17 +100,9 @@ def runs(bucket, tmp_path_factory):
   run = f"{BUCKET}/run"
 
   real = loop.Preemption
-
-  class StopAt2(real):
-    calls = 0  # One call after each train step (no evaluation before step 4).
-
-    def should_stop(self):
-      self.calls += 1
-      return self.calls >= 2
-
   with pytest.MonkeyPatch.context() as mp:
     mp.chdir(local)
-    mp.setattr(loop, "Preemption", StopAt2)
+    mp.setattr(loop, "Preemption", stop_after(2))  # No evaluation before step 4.
     with pytest.raises(preemption.Preempted):
       loop.train_and_evaluate(remote_cfg, run, devices=ONE)
     first = (epath.Path(run) / "metrics.jsonl").read_text()

@@ -92,6 +92,18 @@ def _losses(workdir):
   return {r["step"]: (r["task"], r[f"loss/{r['task']}"]) for r in _records(workdir)}
 
 
+def stop_after(checks: int) -> type:
+  """`loop.Preemption` that reports a SIGTERM at its `checks`-th check (the loop
+  checks once after each train step and before each eval batch)."""
+  class StopAfter(preemption.PreemptionWatch):
+    calls = 0
+
+    def should_stop(self):
+      self.calls += 1
+      return self.calls >= checks
+  return StopAfter
+
+
 def event_scalars(workdir) -> dict[tuple[str, int], float]:
   """(tag, step) -> value of every scalar in the run's event files (`workdir` local
   or any epath). The TFRecord framing (length, crc, data, crc) is read here; the
@@ -155,15 +167,7 @@ def test_resume_after_interruption_matches_uninterrupted(data_dir, reference, tm
 
   # Interrupt after step 5 through the pre-emption path, then restart.
   real = loop.Preemption
-
-  class StopAt5(real):
-    calls = 0  # One call after each train step (no evaluation before step 8).
-
-    def should_stop(self):
-      self.calls += 1
-      return self.calls >= 5
-
-  monkeypatch.setattr(loop, "Preemption", StopAt5)
+  monkeypatch.setattr(loop, "Preemption", stop_after(5))  # No evaluation before step 8.
   with pytest.raises(preemption.Preempted) as stopped:
     loop.train_and_evaluate(tiny_config(data_dir, **OVERRIDES), str(run_dir), devices=ONE)
   assert (stopped.value.step, stopped.value.where) == (5, "training")
