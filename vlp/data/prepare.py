@@ -25,6 +25,7 @@ from absl import app, flags
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vlp import storage
 from vlp.data import builders
 from vlp.data.builders import region_base
 from vlp.data.features import BadInput, BuildReport, LmdbFeatures, default_spec, source_format
@@ -131,6 +132,15 @@ def prepare(dataset: str, *, manual_dir: str, data_dir: str, features: str | Non
       and builder fields such as num_answers).
   """
   manual_dir = os.fspath(manual_dir)
+  inputs = [('manual_dir', manual_dir), ('data_dir', data_dir)]
+  inputs += [('features', p) for p in (features or '').partition(':')[2].split(',') if p]
+  for name, path in inputs:
+    if not storage.is_local(path):
+      raise ValueError(
+          f'--{name}={path}: preparing reads and writes local files only (array_record '
+          'writes local files); prepare into a local --data_dir, copy its '
+          f'{dataset}/ folder to the object store (e.g. gcloud storage cp -r), and '
+          'train with config.data_dir on the object store: vlp stages it to local disk')
   spec = features or default_spec(manual_dir)
   cfg = make_config(dataset, feature_spec=spec, soft_label_dim=soft_label_dim,
                     tsv_fields=tsv_fields, **fields)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from etils import epath
 import tensorflow_datasets as tfds
 
 from vlp.data import builders  # registers the real-dataset builders
@@ -18,24 +19,20 @@ from vlp.data import builders  # registers the real-dataset builders
 
 def prepared_configs(name: str, data_dir: str) -> list[str]:
   """The builder configs of `name` with a finished build under `data_dir`
-  (`<data_dir>/<name>/<config>/<version>/dataset_info.json`), sorted."""
-  root = os.path.join(os.fspath(data_dir), name)
-  if not os.path.isdir(root):
+  (`<data_dir>/<name>/<config>/<version>/dataset_info.json`; local or an object
+  store), sorted."""
+  root = epath.Path(os.fspath(data_dir)) / name
+  if not root.is_dir():
     return []
-  found = []
-  for config in sorted(os.listdir(root)):
-    config_dir = os.path.join(root, config)
-    if not os.path.isdir(config_dir):
-      continue
-    if any(os.path.exists(os.path.join(config_dir, v, 'dataset_info.json'))
-           for v in os.listdir(config_dir)):
-      found.append(config)
-  return found
+  return sorted(c.name for c in root.iterdir()
+                if c.is_dir() and any((v / 'dataset_info.json').exists()
+                                      for v in c.iterdir() if v.is_dir()))
 
 
-def open_prepared(name: str, config: str, data_dir: str):
-  """The prepared builder of dataset `name`, build `config` ('' = the only one)."""
-  where = f'config.data_dir={os.fspath(data_dir)!r}'
+def open_prepared(name: str, config: str, data_dir: str, *, key: str = 'data_dir'):
+  """The prepared builder of dataset `name`, build `config` ('' = the only one);
+  `data_dir` is `config.<key>` in errors."""
+  where = f'config.{key}={os.fspath(data_dir)!r}'
   prepare = f'python -m vlp.data.prepare --dataset={name} --data_dir=... ...'
   if name not in builders.BUILDERS and not prepared_configs(name, data_dir):
     raise ValueError(f'config.data names {name!r}: no such dataset (known: vlp_scenes, '

@@ -20,6 +20,8 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vlp.data import staging
+
 try:  # the proto module tfds' own numpy example parser uses
   from tensorflow_datasets.proto import tf_example_pb2
 except ImportError:  # pragma: no cover - other tfds layouts: generic decode
@@ -35,6 +37,7 @@ def available() -> bool:
 
 def open_source(builder, split: str, *, raw: bool):
   """A random-access source of `split`: serialized examples, or tfds-decoded dicts."""
+  staging.check_local(builder)
   if raw:
     return builder.as_data_source(
         split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)

@@ -13,12 +13,12 @@ second build of the same dataset with detector regions.
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import ml_collections
 import numpy as np
 
+from vlp import storage
 from vlp.evaluators import grounding as grounding_eval
 from vlp.jobs import base, data_setup, eval_batches
 from vlp.jobs.base import EvalContext, Feed, Job
@@ -112,7 +112,7 @@ def evaluate_grounding(params, ctx: EvalContext, *, data: TaskData) -> dict:
     out.update({f"grounding_acc_{setting}/{s}": v for s, v in report[setting].items()})
   out["settings"] = notes
   out["counts"] = report["counts"]
-  out["predictions_file"] = os.path.join(ctx.workdir, "grounding_predictions.json")
+  out["predictions_file"] = storage.join(ctx.workdir, "grounding_predictions.json")
   metrics_lib.write_json(out["predictions_file"], predictions)
   out["eval_seconds"] = time.perf_counter() - t0
   return out

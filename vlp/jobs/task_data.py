@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from vlp.data import downstream, prepared, shards as shards_lib, vqa_targets
+from vlp.data import downstream, shards as shards_lib, staging, vqa_targets
 from vlp.data.batching import BatchSpec
 from vlp.jobs import data_setup
 from vlp.jobs.base import Feed
@@ -86,11 +86,6 @@ class TaskData:
     if self.layout != "examples":
       raise ValueError(f"config.det_data_dir is for the refcoco builders; config.data="
                        f"{self.config.data!r} has no detected-region build")
-    name = self.config.data.partition("/")[0]  # its one build there, named as it may be
-    try:
-      return prepared.open_prepared(name, "", det_dir)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"config.det_data_dir={det_dir!r}: {e} (build it with `python "
-                              "-m vlp.data.prepare` from detector features)") from e
-    except ValueError as e:
-      raise ValueError(f"config.det_data_dir={det_dir!r}: {e}") from e
+    return staging.stage(
+        lambda d: data_setup.prepared_builder(self.config, d, "det_data_dir", any_build=True),
+        det_dir, self.config.data_cache_dir)

@@ -254,7 +254,7 @@ class RegionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def write_file(self, name: str, data: bytes | str) -> None:
     """Writes a side file next to the records (inside tfds' temporary dir)."""
     mode = 'wb' if isinstance(data, bytes) else 'w'
-    with open(os.path.join(self.data_dir, name), mode) as f:
+    with (epath.Path(self.data_dir) / name).open(mode) as f:
       f.write(data)
 
   def write_tokenizer(self, sentences, vocab_size: int) -> None:
