@@ -24,6 +24,7 @@ JOB_KEYS = {
                              "two_stage_ks", "eval_gallery_images"},
     "vqa": SCHEDULE | {"init_from", "head_lr_mult"},
     "grounding": SCHEDULE | {"init_from", "eval_splits", "det_data_dir"},
+    "matching": SCHEDULE | {"init_from", "matching", "two_stage_ks", "eval_gallery_images"},
 }
 # The keys these were before the per-task subtrees; none may come back.
 FLAT_KEYS = {"task", "mlm_prob", "mrm_prob", "itm_neg_prob", "itm_negatives",
