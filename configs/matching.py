@@ -41,7 +41,9 @@ def get_config(arg=None):
       shared_layers=0, graph_layers=0,
       scorer="similarity", scorer_layers=1, filter_k=4,
       similarity="cosine_global", similarity_args="",
-      loss="hinge_hardest", loss_args="margin=0.2",
+      # InfoNCE: VSE++'s hardest-negative hinge collapses from scratch on vlp_scenes,
+      # whose captions often repeat across images (docs/matching.md).
+      loss="info_nce", loss_args="temperature=0.05",
       shapley_weight=0.0, shapley_permutations=4,
       eval_chunk=64 if tiny else 256))  # Images (and captions) per scoring block.
   # Two-stage: candidates per query from the global vectors, re-ranked by the score.

@@ -48,6 +48,20 @@ def test_cosine_global_and_hardest_hinge_match_numpy():
   np.testing.assert_allclose(float(registry.hinge_hardest(s, pos)), np.mean(want), rtol=1e-5)
 
 
+def test_info_nce_matches_numpy():
+  s = RNG.normal(size=(3, 4)).astype(np.float32)
+  pos = np.zeros((3, 4), bool)
+  pos[0, 0] = pos[0, 1] = pos[1, 2] = pos[2, 3] = True
+  want = []
+  for i, j in zip(*np.nonzero(pos)):
+    row = np.concatenate([[s[i, j]], s[i][~pos[i]]]) / 0.1
+    col = np.concatenate([[s[i, j]], s[:, j][~pos[:, j]]]) / 0.1
+    lse = lambda v: np.log(np.exp(v).sum())
+    want.append(0.5 * (lse(row) - row[0]) + 0.5 * (lse(col) - col[0]))
+  got = float(registry.info_nce(s, pos, temperature=0.1))
+  np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
+
+
 def test_bigru_skips_padding_and_reads_both_directions():
   enc = BiGruTextEncoder(CFG, rngs=nnx.Rngs(0))
   ids = np.array([[3, 4, 5, 0, 0], [3, 4, 5, 7, 8]])

@@ -13,9 +13,10 @@ else):
   evaluation: `score_matrix(sim, regions, region_mask, tokens, token_mask, *,
       chunk_images, chunk_texts, mesh=None) -> [N_img, N_txt]` numpy.
 
-Built-ins: `cosine_global` (VSE++: cosine of the masked mean of each side) and
+Built-ins: `cosine_global` (VSE++: cosine of the masked mean of each side),
 `hinge_hardest` (VSE++: hinge on the hardest in-batch negative of each positive,
-both directions, margin 0.2), plus the approximate HGAN similarity of
+both directions, margin 0.2), `info_nce` (softmax cross-entropy over the batch at
+temperature tau, both directions), plus the approximate HGAN similarity of
 `vlp.matching.graph`.
 """
 
@@ -66,11 +67,30 @@ def hinge_hardest(scores: jax.Array, positives: jax.Array, *, margin: float = 0.
   return jnp.sum(jnp.where(pos, cost, 0.0)) / jnp.maximum(jnp.sum(pos), 1)
 
 
+def info_nce(scores: jax.Array, positives: jax.Array, *, temperature: float = 0.05) -> jax.Array:
+  """-log softmax(s / tau) of each positive over its row and over its column, mean of the two.
+
+  A positive competes with the row's (column's) negatives only: other positives
+  of the same row are left out of its softmax.
+  """
+  s = scores.astype(jnp.float32) / temperature
+  pos = positives.astype(bool)
+
+  def direction(axis):
+    # Per positive: logsumexp over itself and the negatives along `axis`.
+    neg = jnp.where(pos, -jnp.inf, s)
+    lse_neg = jax.scipy.special.logsumexp(neg, axis=axis, keepdims=True)
+    return jnp.logaddexp(lse_neg, s) - s
+
+  cost = 0.5 * (direction(1) + direction(0))
+  return jnp.sum(jnp.where(pos, cost, 0.0)) / jnp.maximum(jnp.sum(pos), 1)
+
+
 _SIMILARITIES: dict[str, tuple[Callable, bool]] = {
     "cosine_global": (cosine_global, True),
     "hgan_3level": (graph.hgan_3level, False),
 }
-_LOSSES: dict[str, Callable] = {"hinge_hardest": hinge_hardest}
+_LOSSES: dict[str, Callable] = {"hinge_hardest": hinge_hardest, "info_nce": info_nce}
 
 
 def _known(name: str, table: dict, what: str):
