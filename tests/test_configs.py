@@ -23,7 +23,7 @@ JOB_KEYS = {
     "retrieval": SCHEDULE | {"init_from", "retrieval_ft", "distill", "dual_dim",
                              "two_stage_ks", "eval_gallery_images"},
     "vqa": SCHEDULE | {"init_from", "head_lr_mult"},
-    "grounding": SCHEDULE | {"init_from", "eval_splits", "det_data_dir"},
+    "grounding": SCHEDULE | {"init_from", "eval_splits", "det_data_dir", "proposal_filter"},
     "matching": SCHEDULE | {"init_from", "matching", "two_stage_ks", "eval_gallery_images"},
 }
 # The keys these were before the per-task subtrees; none may come back.
