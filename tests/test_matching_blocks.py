@@ -209,3 +209,35 @@ def test_shapley_alignment_loss_is_zero_when_alignment_matches_and_ignores_paddi
   loss2 = float(shapley.shapley_alignment_loss(r2, rm, t, tm, jax.random.PRNGKey(0),
                                                num_permutations=8))
   assert loss2 == pytest.approx(loss, rel=1e-5)
+
+
+def test_uniter_streams_each_see_one_modality():
+  model = MatchingModel(CFG, MatchingSpec(encoder="uniter"), rngs=nnx.Rngs(0))
+  b = batch()
+  other = dict(b, img_feat=b["img_feat"] + 1.0, input_ids=(b["input_ids"] % 29) + 1)
+  other["input_ids"][:, 0] = b["input_ids"][:, 0]  # image-only keeps the first ([CLS]) id
+  txt, _ = model.encode_text(b)
+  img, _ = model.encode_image(b)
+  # Text states ignore the regions; image states ignore every word after the first.
+  np.testing.assert_array_equal(np.asarray(model.encode_text(dict(b, img_feat=other["img_feat"]))[0]),
+                                np.asarray(txt))
+  np.testing.assert_array_equal(
+      np.asarray(model.encode_image(dict(b, input_ids=other["input_ids"]))[0]), np.asarray(img))
+  assert img.shape == (2, 5, 16) and txt.shape == (2, 6, 16)
+  assert np.abs(np.asarray(model.encode_image(other)[0] - img)).max() > 1e-3
+
+
+def test_matching_objective_is_the_registry_loss_on_the_batch_matrix():
+  from vlp.matching.objective import make_matching_loss
+  model = MatchingModel(CFG, MatchingSpec(), rngs=nnx.Rngs(0))
+  b = dict(batch(b=4), image_id=np.array([7, 7, 8, 9]),
+           example_mask=np.array([True, True, True, False]))
+  loss, metrics = make_matching_loss(loss="info_nce", loss_args="temperature=0.1")(model, b, None)
+  r, rm = model.encode_image(b)
+  t, tm = model.encode_text(b)
+  s = np.array(registry.cosine_global(r, rm, t, tm))
+  pos = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
+  s[3, :] = s[:, 3] = -1e4  # the padded row and column
+  want = float(registry.info_nce(s, pos, temperature=0.1))
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  assert float(metrics["loss/matching"]) == pytest.approx(want, rel=1e-5)
