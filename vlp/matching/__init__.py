@@ -1,5 +1,6 @@
 """Image-text matching mechanisms under one protocol (docs/matching.md).
 
+* `pooling`: masked mean / max and L2 normalisation shared by the scorers;
 * `registry`: the similarity and loss look-ups the model and job use (see its
   docstring: two built-ins until the full registries land);
 * `encoders`: the dual-stream region and text encoders (transformer or bi-GRU);

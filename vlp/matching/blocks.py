@@ -26,28 +26,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlp.matching.pooling import MASKED, l2_normalize, masked_mean
 from vlp.models.layers import Dense, attention_bias
 from vlp.models.uniter import BertLayer
 from vlp.models.uniter_config import UniterConfig
-
-_NEG = -1e9
-
-
-def _normalize(x):
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
-
-
-def _mean(x, mask):
-  m = mask.astype(jnp.float32)[..., None]
-  return jnp.sum(x.astype(jnp.float32) * m, -2) / jnp.maximum(jnp.sum(m, -2), 1.0)
 
 
 def cross_attend(x: jax.Array, y: jax.Array, y_mask: jax.Array) -> jax.Array:
   """x + softmax(x y^T / sqrt(d)) y over y's real tokens: [P, N, D], [P, M, D], [P, M]."""
   logits = jnp.einsum('pnd,pmd->pnm', x.astype(jnp.float32), y.astype(jnp.float32))
   logits = logits / jnp.sqrt(x.shape[-1])
-  attn = jax.nn.softmax(jnp.where(y_mask.astype(bool)[:, None, :], logits, _NEG), -1)
+  attn = jax.nn.softmax(jnp.where(y_mask.astype(bool)[:, None, :], logits, MASKED), -1)
   return x.astype(jnp.float32) + jnp.einsum('pnm,pmd->pnd', attn, y.astype(jnp.float32))
 
 
@@ -81,7 +70,7 @@ class AlternatingCrossAttention(nnx.Module):
     bi, bt = regions.shape[0], tokens.shape[0]
     x, xm, y, ym = all_pairs(regions, region_mask, tokens, token_mask)
     x, y = self.fuse(x, xm, y, ym, rngs=rngs)
-    score = jnp.sum(_normalize(_mean(x, xm)) * _normalize(_mean(y, ym)), -1)
+    score = jnp.sum(l2_normalize(masked_mean(x, xm)) * l2_normalize(masked_mean(y, ym)), -1)
     return score.reshape(bi, bt)
 
 
@@ -97,23 +86,23 @@ class TextConditionedRegionFilter(nnx.Module):
 
   def relevance(self, regions, region_mask, tokens, token_mask) -> jax.Array:
     """[Bi, Bt, R] float32 relevance of each region to each text (padding -1e9)."""
-    q = self.query(_mean(tokens, token_mask), out_dtype=jnp.float32)  # [Bt, H]
+    q = self.query(masked_mean(tokens, token_mask), out_dtype=jnp.float32)  # [Bt, H]
     rel = jnp.einsum('td,ird->itr', q, regions.astype(jnp.float32)) / jnp.sqrt(q.shape[-1])
-    return jnp.where(region_mask.astype(bool)[:, None, :], rel, _NEG)
+    return jnp.where(region_mask.astype(bool)[:, None, :], rel, MASKED)
 
   def keep_mask(self, relevance: jax.Array) -> jax.Array:
     """[Bi, Bt, R] bool: the top k of each pair (ties: the lower region index)."""
     k = min(self.k, relevance.shape[-1])
     _, idx = jax.lax.top_k(relevance, k)
     keep = jnp.any(jax.nn.one_hot(idx, relevance.shape[-1], dtype=bool), axis=-2)
-    return keep & (relevance > _NEG / 2)
+    return keep & (relevance > MASKED / 2)
 
   def __call__(self, regions, region_mask, tokens, token_mask, *,
                rngs: nnx.Rngs | None = None) -> jax.Array:
     del rngs
     rel = self.relevance(regions, region_mask, tokens, token_mask)
     keep = self.keep_mask(rel)
-    weights = jax.nn.softmax(jnp.where(keep, rel, _NEG), axis=-1)
+    weights = jax.nn.softmax(jnp.where(keep, rel, MASKED), axis=-1)
     pooled = jnp.einsum('itr,ird->itd', weights, regions.astype(jnp.float32))
-    text = _normalize(_mean(tokens, token_mask))
-    return jnp.sum(_normalize(pooled) * text[None], -1)
+    text = l2_normalize(masked_mean(tokens, token_mask))
+    return jnp.sum(l2_normalize(pooled) * text[None], -1)

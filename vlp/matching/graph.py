@@ -23,15 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlp.matching.pooling import MASKED, l2_normalize, masked_max, masked_mean
 from vlp.models.layers import Dense, LayerNorm
 from vlp.models.uniter_config import UniterConfig
-
-_NEG = -1e9
-
-
-def _normalize(x):
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
 
 
 class GraphReasoning(nnx.Module):
@@ -49,29 +43,20 @@ class GraphReasoning(nnx.Module):
     for dense, norm in zip(self.layers, self.norms):
       xf = x.astype(jnp.float32)
       logits = jnp.einsum('bnh,bmh->bnm', xf, xf) / jnp.sqrt(xf.shape[-1])
-      adjacency = jax.nn.softmax(jnp.where(keep[:, None, :], logits, _NEG), axis=-1)
+      adjacency = jax.nn.softmax(jnp.where(keep[:, None, :], logits, MASKED), axis=-1)
       messages = dense(jnp.einsum('bnm,bmh->bnh', adjacency, xf))
       x = norm(xf + jax.nn.relu(messages.astype(jnp.float32)))
     return x
 
 
-def _pool_max(x, mask):
-  return jnp.max(jnp.where(mask.astype(bool)[..., None], x.astype(jnp.float32), _NEG), axis=1)
-
-
-def _pool_mean(x, mask):
-  m = mask.astype(jnp.float32)[..., None]
-  return jnp.sum(x.astype(jnp.float32) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
-
-
 def local_level(regions, region_mask, tokens, token_mask, *, lambda_softmax: float = 9.0):
   """[Bi, Bt]: mean over real words of cos(word, its attended region vector)."""
-  r, t = _normalize(regions), _normalize(tokens)
+  r, t = l2_normalize(regions), l2_normalize(tokens)
   cos = jnp.einsum('ird,tld->itlr', r, t)
-  cos = jnp.where(region_mask.astype(bool)[:, None, None, :], cos, _NEG)
+  cos = jnp.where(region_mask.astype(bool)[:, None, None, :], cos, MASKED)
   attn = jax.nn.softmax(lambda_softmax * cos, axis=-1)
   attended = jnp.einsum('itlr,ird->itld', attn, regions.astype(jnp.float32))
-  rel = jnp.sum(_normalize(attended) * t[None], -1)  # [Bi, Bt, L]
+  rel = jnp.sum(l2_normalize(attended) * t[None], -1)  # [Bi, Bt, L]
   m = token_mask.astype(jnp.float32)[None]
   return jnp.sum(rel * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
 
@@ -81,9 +66,9 @@ def hgan_3level(regions, region_mask, tokens, token_mask, *,
                 lambda_softmax: float = 9.0) -> jax.Array:
   """[Bi, Bt] float32: weighted sum of the local, mid and global levels."""
   w_local, w_mid, w_global = weights
-  mid = _normalize(_pool_max(regions, region_mask)) @ _normalize(
-      _pool_max(tokens, token_mask)).T
-  glob = _normalize(_pool_mean(regions, region_mask)) @ _normalize(
-      _pool_mean(tokens, token_mask)).T
+  mid = l2_normalize(masked_max(regions, region_mask)) @ l2_normalize(
+      masked_max(tokens, token_mask)).T
+  glob = l2_normalize(masked_mean(regions, region_mask)) @ l2_normalize(
+      masked_mean(tokens, token_mask)).T
   local = local_level(regions, region_mask, tokens, token_mask, lambda_softmax=lambda_softmax)
   return w_local * local + w_mid * mid + w_global * glob

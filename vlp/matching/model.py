@@ -35,6 +35,7 @@ from vlp.matching import registry
 from vlp.matching.blocks import AlternatingCrossAttention, TextConditionedRegionFilter
 from vlp.matching.encoders import BiGruTextEncoder, RegionEncoder, TextTransformer, run_layers
 from vlp.matching.graph import GraphReasoning
+from vlp.matching.pooling import l2_normalize, masked_mean
 from vlp.models.layers import make_param
 from vlp.models.uniter import BertLayer, Uniter
 from vlp.models.uniter_config import UniterConfig
@@ -160,4 +161,4 @@ class MatchingModel(nnx.Module):
   @staticmethod
   def global_vectors(states: jax.Array, mask: jax.Array) -> jax.Array:
     """[B, N, H] -> [B, H] unit vectors: the dual-encoder embedding."""
-    return registry.l2_normalize(registry.masked_mean(states, mask))
+    return l2_normalize(masked_mean(states, mask))

@@ -30,17 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlp.matching import graph
-
-
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """[B, N, D], [B, N] -> [B, D] float32 mean over the real positions."""
-  m = mask.astype(jnp.float32)[..., None]
-  return jnp.sum(x.astype(jnp.float32) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps))
+from vlp.matching.pooling import l2_normalize, masked_mean
 
 
 def cosine_global(regions, region_mask, tokens, token_mask) -> jax.Array:

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlp.matching.pooling import MASKED, l2_normalize, masked_mean
+
 
 def exact_shapley(value: Callable[[frozenset], float], n: int) -> np.ndarray:
   """phi_i = sum_{S not containing i} |S|! (n-|S|-1)! / n! (v(S + i) - v(S))."""
@@ -74,9 +76,7 @@ def monte_carlo_shapley(values_of_masks: Callable[[jax.Array], jax.Array], n: in
 
 
 def _cos(a, b):
-  a = a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, -1, keepdims=True), 1e-12))
-  b = b * jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, -1, keepdims=True), 1e-12))
-  return jnp.sum(a * b, -1)
+  return jnp.sum(l2_normalize(a) * l2_normalize(b), -1)
 
 
 def region_shapley(regions, region_mask, text_vec, key, num_permutations: int) -> jax.Array:
@@ -96,11 +96,10 @@ def shapley_alignment_loss(regions, region_mask, tokens, token_mask, key, *,
                            num_permutations: int = 4, temperature: float = 0.1,
                            example_mask=None) -> jax.Array:
   """Mean over matched rows of KL(softmax(phi/tau) || softmax(cos(region, caption)/tau))."""
-  m = token_mask.astype(jnp.float32)[..., None]
-  text = jnp.sum(tokens.astype(jnp.float32) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
+  text = masked_mean(tokens, token_mask)
   mask = region_mask.astype(bool)
   phi = jax.lax.stop_gradient(region_shapley(regions, mask, text, key, num_permutations))
-  neg = -1e9
+  neg = MASKED
   target = jax.nn.softmax(jnp.where(mask, phi / temperature, neg), -1)
   logits = jnp.where(mask, _cos(regions.astype(jnp.float32), text[:, None]) / temperature, neg)
   log_pred = jax.nn.log_softmax(logits, -1)
