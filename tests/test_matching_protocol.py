@@ -61,6 +61,10 @@ def test_protocol_table_on_two_mechanisms(tmp_path):
   # Without the full registry, SCAN is reported as skipped with the reason.
   skipped = [r for r in table["rows"] if "skipped" in r]
   assert all(r["mechanism"] == "scan_t2i" and "scan_t2i" in r["skipped"] for r in skipped)
+  # Run again in the same workdir: finished mechanisms are read back, not retrained.
+  again = matching_protocol.run_protocol(cfg, work, ["slan", "global_nce"])
+  assert again["rows"] == [r for r in result["rows"] if r["mechanism"] == "slan"] + [
+      r for r in result["rows"] if r["mechanism"] == "global_nce"]
 
 
 def test_chance_levels_match_a_simulation():

@@ -9,7 +9,8 @@ r"""Every matching mechanism under one protocol: same data, budget and seed, one
 For each mechanism of `MECHANISMS` (or `--mechanisms=a,b`) the config's
 `matching.*` keys are overridden, the model is trained from scratch for
 `config.total_steps` steps with `config.seed` (`vlp.train.loop`, in
-WORKDIR/<mechanism>), then evaluated on the test gallery by the matching job:
+WORKDIR/<mechanism>; one finished by an earlier run there is read back), then
+evaluated on the test gallery by the matching job:
 full ranking, and for decomposable mechanisms the dual-encoder search and
 two-stage re-ranking (vlp/jobs/matching.py). Training seconds are the wall time
 of the training run (compilation included), evaluation seconds that of each
@@ -105,20 +106,35 @@ def rows_of(name: str, out: dict, train_seconds: float) -> list[dict]:
                **{k: out[mode][k] for k in METRICS}) for mode in modes]
 
 
-def run_mechanism(config, name: str, overrides: dict, workdir: str) -> dict:
-  """Trains one mechanism, then evaluates its last checkpoint: (eval dict, train seconds)."""
+DONE = "protocol_result.json"  # Per mechanism: its evaluation and training seconds.
+
+
+def run_mechanism(config, name: str, overrides: dict, workdir: str) -> tuple[dict, float]:
+  """Trains one mechanism, then evaluates its last checkpoint: (eval dict, train seconds).
+
+  A mechanism finished by an earlier run of the protocol in this workdir is read
+  back from its `DONE` file instead of being trained again.
+  """
   from vlp import config_lib
   from vlp.train import loop
+  from vlp.train import metrics as metrics_lib
+  done = os.path.join(workdir, DONE)
+  if os.path.exists(done):
+    with open(done) as f:
+      saved = json.load(f)
+    return saved["eval"], saved["train_seconds"]
   if os.path.exists(os.path.join(workdir, "checkpoints")):
-    raise FileExistsError(f"{workdir} already holds a run of {name!r}: the protocol times "
-                          "training from scratch; pass a fresh --workdir")
+    raise FileExistsError(f"{workdir} holds an unfinished run of {name!r}; the protocol "
+                          "times training from scratch: remove it or pass another --workdir")
   cfg = copy.deepcopy(config)
   config_lib.set_values(cfg, {f"matching.{k}": v for k, v in overrides.items()})
   cfg.eval_every = 0  # Evaluated once below, timed apart from training.
   t0 = time.perf_counter()
   loop.train_and_evaluate(cfg, workdir)
   train_seconds = time.perf_counter() - t0
-  return loop.evaluate_checkpoint(cfg, workdir), train_seconds
+  out = loop.evaluate_checkpoint(cfg, workdir)
+  metrics_lib.write_json(done, {"eval": out, "train_seconds": train_seconds})
+  return out, train_seconds
 
 
 def table_lines(rows: list[dict]) -> list[str]:
