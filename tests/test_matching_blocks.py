@@ -241,3 +241,13 @@ def test_matching_objective_is_the_registry_loss_on_the_batch_matrix():
   want = float(registry.info_nce(s, pos, temperature=0.1))
   assert float(loss) == pytest.approx(want, rel=1e-5)
   assert float(metrics["loss/matching"]) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec", [
+    MatchingSpec(text_encoder="bigru", shared_layers=1, graph_layers=1),
+    MatchingSpec(scorer="comma"), MatchingSpec(scorer="slan"), MatchingSpec(encoder="uniter")])
+def test_every_parameter_carries_logical_axis_names(spec):
+  model = MatchingModel(CFG, spec, rngs=nnx.Rngs(0))
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == var[...].ndim, (path, names)

@@ -89,3 +89,16 @@ def test_grounding_job_with_the_proposal_filter(tmp_path):
   assert pf["hit_rate/val"] == 100.0 and pf["mean_kept/val"] > 2.0
   assert pf["grounding_acc/val"] == pytest.approx(everything["grounding_acc/val"])
   assert everything["grounding_acc/val"] == pytest.approx(tight["grounding_acc/val"])
+
+
+def test_filtered_grounding_parameters_carry_logical_axis_names():
+  from flax import nnx
+  from vlp.models.uniter_config import model_config
+  cfg = model_config("tiny", vocab_size=30, hidden_size=16, num_layers=1, num_heads=2,
+                     intermediate_size=32, img_dim=8)
+  model = proposals.FilteredGrounding(cfg, keep=2, rngs=nnx.Rngs(0))
+  flat = nnx.to_flat_state(nnx.state(model.proposal_scorer, nnx.Param))
+  assert len(flat) == 9  # embeddings, 4 Dense layers with biases
+  for path, var in flat:
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == var[...].ndim, (path, names)
