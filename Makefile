@@ -16,9 +16,9 @@ $(VENV)/.installed: requirements.txt setup.cfg
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
-# Tests only: PyTorch (CPU) for the .pt import tests; see requirements-torch.txt. The
-# tests also install libtpu (requirements-tpu.txt): XLA's TPU compiler, so that
-# vlp.tools.aot's TPU path is tested on any machine (no TPU needed).
+# Tests only: PyTorch (CPU) for the .pt import tests and shellcheck for launch/*; see
+# requirements-torch.txt. The tests also install libtpu (requirements-tpu.txt): XLA's
+# TPU compiler, so that vlp.tools.aot's TPU path is tested on any machine (no TPU needed).
 $(VENV)/.installed-torch: $(VENV)/.installed requirements-torch.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-torch.txt
 	touch $@

@@ -21,6 +21,9 @@ def get_config(arg=None):
   c.seed = 42
   c.grad_accum = 1  # Micro-batches per optimizer update (inside the jitted step).
   c.keep_checkpoints = 2
+  # A metric of the job's evaluation (e.g. "vqa_acc"): the evaluated step with its
+  # highest value is kept beside the latest ones (`vlp.evaluate --step=best`); "" = none.
+  c.best_metric = ""
 
   # Data. `data` names a tfds builder; vlp_scenes is generated locally.
   c.data = arg.data
@@ -29,9 +32,14 @@ def get_config(arg=None):
   c.feature_dim = 64 if tiny else 2048
   # Text tokens incl. [CLS]/[SEP] (static); vlp_scenes captions need at most 19.
   c.max_text_len = 20 if tiny else 62
-  c.max_regions = 10 if tiny else 36   # Region slots (static).
+  # Region slots (static). Base: the reference's rule keeps the 10-100 most confident
+  # regions (confidence > 0.2) of an image, so 100 slots hold every region it feeds.
+  c.max_regions = 10 if tiny else 100
   c.num_region_classes = 9 if tiny else 1601  # vlp_scenes: 8 shapes + background.
-  c.tokenizer = ""  # Empty: the sentencepiece model stored with the dataset.
+  # A sentencepiece model or a BERT vocab.txt. Empty: the one `init_from` was trained
+  # with, else the sentencepiece model stored with the dataset. Naming another than
+  # init_from's is an error (its word embeddings index that vocabulary).
+  c.tokenizer = ""
   c.data_workers = 0  # grain worker processes per host.
   # Slices of the global batch with their own shuffle and masking streams (0: the
   # fewest that line up with the rows each process feeds: one per process where
@@ -70,6 +78,10 @@ def get_config(arg=None):
   # Optimiser (the UNITER reference's): AdamW (0.9, 0.98), eps 1e-6, wd 0.01, linear warm-up then
   # linear decay; the job sets learning_rate, warmup_steps and grad_clip.
   c.optimizer = ml_collections.ConfigDict()
+  # The gradient is multiplied by this before clipping and AdamW (vlp/train/optim.py):
+  # 1 clips vlp's mean gradient; the reference clips the sum over its GPUs x
+  # accumulation steps, so the base configs set that product to clip as it does.
+  c.optimizer.clip_scale = 1.0
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.98
   c.optimizer.eps = 1e-6

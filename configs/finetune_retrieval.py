@@ -9,8 +9,11 @@ r"""Image-text retrieval fine-tuning (UNITER hard negatives; optional dual encod
 
 Arguments after the colon: `size` (base | tiny), `data` (coco_karpathy |
 flickr30k_karpathy | vlp_scenes) and `stage` (cross | dual). Base follows the
-reference `config/train-itm-flickr-base-16gpu-hn.json`: lr 5e-5, 5000 updates,
-warm-up 500, 31 hard negatives per anchor in both directions, margin 0.2.
+reference `config/train-itm-{flickr,coco}-base-16gpu-hn.json`: lr 5e-5, 5000 updates,
+warm-up 500, margin 0.2, and per update 128 anchors per direction (16 GPUs x 8), each
+scoring 399 candidates and training on its 31 hardest. vlp's candidates are the
+other rows of a 400-row batch of random training pairs, so `batch_size=400` with
+`num_anchors=128` scores the reference's 2 x 128 x 400 pairs per update.
 `stage=dual` trains only the dual head (`optimizer.frozen`) on InfoNCE + ListNet
 distillation of the cross-encoder's scores (vlp/tasks/distill.py).
 Each objective's settings sit under its name: `retrieval_ft.*`, `distill.*`.
@@ -30,16 +33,19 @@ def get_config(arg=None):
   tiny = arg.size == "tiny"
   here = os.path.dirname(os.path.abspath(__file__))
   common = config_lib.load_module(f"{here}/finetune_common.py")
+  # The reference's per-GPU loss is a mean over its anchors (the accumulation steps
+  # divide by them), summed over 16 GPUs: clip_scale 16. It reports the last step on
+  # test (no best-step selection).
   c = common.finetune_config(arg.size, arg.data, job="retrieval",
                              tasks=dict(retrieval_ft=1, distill=0), eval_split="test",
-                             lr=5e-5, steps=5000, warmup=500, batch_size=256)
+                             lr=5e-5, steps=5000, warmup=500, batch_size=400, clip_scale=16)
   if tiny:  # CPU demo: fewer steps and anchors (scoring B x B pairs is the cost).
     c.total_steps, c.batch_size, c.log_every = 100, 32, 20
     c.eval_every = c.checkpoint_every = c.total_steps
   # Hard negatives per anchor and direction, the hinge margin, and the anchors per
   # direction whose negatives are mined (0 = every row of the batch).
   c.retrieval_ft = ml_collections.ConfigDict(dict(
-      num_hard_negatives=7 if tiny else 31, margin=0.2, num_anchors=8 if tiny else 0))
+      num_hard_negatives=7 if tiny else 31, margin=0.2, num_anchors=8 if tiny else 128))
   c.dual_dim = 0  # > 0 adds the dual-encoder head (train it with tasks.distill).
   # The student's cosine scale and the weight of InfoNCE next to the distillation.
   c.distill = ml_collections.ConfigDict(dict(student_scale=6.0, contrastive_weight=0.0))
@@ -51,6 +57,7 @@ def get_config(arg=None):
     c.tasks = dict(retrieval_ft=0, distill=1)
     c.distill.contrastive_weight = 1.0
     c.optimizer.frozen = "uniter,itm_output,rank_output"
+    c.optimizer.clip_scale = 1.0  # ALADIN's stage has no UNITER setup to match.
     c.optimizer.learning_rate = 1e-3 if tiny else 1e-4  # A fresh head: a higher lr.
     if tiny:  # Measured on the demo: two-stage k = 20 R@1 is 1-3 points short at 400.
       c.total_steps = c.eval_every = c.checkpoint_every = 800

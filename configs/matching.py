@@ -11,7 +11,7 @@ flickr30k_karpathy | coco_karpathy). `matching.*` names the mechanism
 (vlp/matching/model.py): the streams (`encoder` dual_stream | uniter,
 `text_encoder` transformer | bigru, `region_layers`, `text_layers`), COOKIE's
 `shared_layers`, HGAN-style `graph_layers`, the `scorer` (similarity | comma |
-slan, with `scorer_layers` / `filter_k`), the registry's `similarity` and
+slan, with `scorer_layers` / `filter_k`), `similarity` (vlp.matching.similarities) and
 `loss` with their arguments as "name=value,..." strings, and LOUPE's
 `shapley_weight`. The model widths are `model.*` (configs/base.py).
 """

@@ -22,6 +22,7 @@ import os
 import ml_collections
 
 from vlp import config_lib
+from vlp.data import masking
 
 
 def get_config(arg=None):
@@ -30,6 +31,10 @@ def get_config(arg=None):
   here = os.path.dirname(os.path.abspath(__file__))
   c = config_lib.load_config_file(f"{here}/base.py:size={arg.size},data={arg.data}")
   c.job = "pretrain"  # vlp.jobs: what this run trains and evaluates.
+  # Parameters to start from (the reference starts from BERT: a directory written by
+  # `python -m vlp.tools.import_uniter --checkpoint=bert-base-cased/`, or any pretrained
+  # directory or workdir); the tokenizer follows it. Empty = from scratch.
+  c.init_from = ""
 
   # Tiny: 64-row batches give twice the updates of 128 rows at about the same CPU time
   # per example, and ITM learns from the number of updates (docs/experiments.md,
@@ -44,6 +49,9 @@ def get_config(arg=None):
   c.optimizer.learning_rate = 7e-4 if tiny else 5e-5
   c.optimizer.warmup_steps = 100 if tiny else 10_000
   c.optimizer.grad_clip = 5.0
+  # The reference clips the gradient summed over 8 GPUs x 6 accumulation steps
+  # (vlp/train/optim.py). Tiny (vlp): the mean, as its demo was measured.
+  c.optimizer.clip_scale = 1.0 if tiny else 8 * 6
 
   # Task mix (one task per update, sampled from (seed, step)). The reference
   # all-data config uses itm/mlm/mrfr/mrckl = 27/36/18/18 %; vlp adds hard MRC.
@@ -61,17 +69,24 @@ def get_config(arg=None):
            itm=20.0 if tiny else 1.0))
   # Masked language modelling: masking probability and prediction slots per example.
   c.mlm = ml_collections.ConfigDict(dict(prob=0.15, max_predictions=8 if tiny else 12))
-  # Masked region modelling, shared by the mrfr, mrc and mrckl tasks.
-  c.mrm = ml_collections.ConfigDict(dict(prob=0.15, max_predictions=4 if tiny else 10))
+  # Masked region modelling, shared by the mrfr, mrc and mrckl tasks. The reference
+  # masks every selected region; base sizes the slots from the region count so that a
+  # full image overflows them with probability <= 1e-4 (100 regions: 30 slots; set
+  # again if you change max_regions). Overflows are counted (`mrm_capped`).
+  c.mrm = ml_collections.ConfigDict(dict(
+      prob=0.15, max_predictions=4 if tiny else masking.prediction_slots(c.max_regions, 0.15)))
   # Image-text matching. Negatives: "random" is the reference's sampler (each example
   # with probability `neg_prob`); "balanced" (vlp) shows every caption and image of
   # an ITM batch once matched and once not, which cancels the single-modality
   # gradient noise (vlp.data.masking.make_itm_batch). Tiny needs it to leave the ITM
-  # plateau within a CPU demo. WRA: `wra_weight` times the optimal-transport
-  # word-region alignment, solved by IPOT with step `ot.beta`, `ot.iterations`
-  # outer and `ot.k` inner iterations.
+  # plateau within a CPU demo. "hardest" (after MVPTR) pairs half the batch with the
+  # hardest in-batch negatives of the other half, ranked by the vlp.matching
+  # similarity `hard_similarity` on single-modality backbone states (vlp.tasks.itm).
+  # WRA: `wra_weight` times the optimal-transport word-region alignment, solved by
+  # IPOT with step `ot.beta`, `ot.iterations` outer and `ot.k` inner iterations.
   c.itm = ml_collections.ConfigDict(dict(
-      negatives="balanced" if tiny else "random", neg_prob=0.5, wra_weight=0.1,
+      negatives="balanced" if tiny else "random", neg_prob=0.5,
+      hard_similarity="cosine_global", wra_weight=0.1,
       ot=dict(beta=0.5, iterations=50, k=1)))
 
   # Evaluation: held-out MLM/ITM accuracy on `eval_batches` fixed batches, and

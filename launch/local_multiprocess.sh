@@ -18,10 +18,13 @@
 #
 # Waits for all processes. If one fails, the others are stopped (SIGTERM, then
 # SIGKILL after $KILL_GRACE seconds) and its exit status is returned. SIGINT or
-# SIGTERM to this script is forwarded to every process (a pre-emption drill).
+# SIGTERM to this script is forwarded to every process (a pre-emption drill): they
+# write a checkpoint and exit 42 (pre-empted, not a failure), and so does this
+# script; running it again with the same --workdir resumes there.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+preempted=42  # vlp.parallel.preemption.EXIT_PREEMPTED
 
 [[ $# -ge 1 && "$1" =~ ^[0-9]+$ && "$1" -ge 1 ]] || usage
 num=$1; shift
@@ -53,7 +56,8 @@ for ((i = 0; i < num; i++)); do
       export JAX_PLATFORMS=cpu XLA_FLAGS="${flags} --xla_force_host_platform_device_count=${cpu_devices}"
     fi
     if [[ "$gpus_per_process" -gt 0 ]]; then
-      export CUDA_VISIBLE_DEVICES="$(seq -s, $((i * gpus_per_process)) $((i * gpus_per_process + gpus_per_process - 1)))"
+      CUDA_VISIBLE_DEVICES="$(seq -s, $((i * gpus_per_process)) $((i * gpus_per_process + gpus_per_process - 1)))"
+      export CUDA_VISIBLE_DEVICES
     fi
     if [[ -n "${LOG_DIR:-}" ]]; then
       exec "$@" > >(tee "$LOG_DIR/process_$i.log" | sed -u "s/^/[$i] /") 2>&1
@@ -80,7 +84,10 @@ while [[ $left -gt 0 ]]; do
     kill -0 "$pid" 2>/dev/null && continue
     rc=0; wait "$pid" || rc=$?
     finished[$pid]=1; left=$((left - 1))
-    if [[ $rc -ne 0 && $status -eq 0 ]]; then
+    if [[ $rc -eq $preempted ]]; then
+      # Checkpoint written; the others stop at the same step by themselves.
+      if [[ $status -eq 0 ]]; then status=$rc; fi
+    elif [[ $rc -ne 0 && ( $status -eq 0 || $status -eq $preempted ) ]]; then
       status=$rc
       echo "local_multiprocess.sh: process $i exited with status $rc; stopping the others" >&2
       stop_all TERM

@@ -19,11 +19,12 @@ SCHEDULE = {"job", "tasks", "total_steps", "batch_size", "log_every", "eval_ever
             "checkpoint_every"}
 PRETRAINING_ONLY = {"loss_weights", "mlm", "mrm", "itm", "eval_batches"}
 JOB_KEYS = {
-    "pretrain": SCHEDULE | PRETRAINING_ONLY | {"eval_gallery_images"},
+    "pretrain": SCHEDULE | PRETRAINING_ONLY | {"init_from", "eval_gallery_images"},
     "retrieval": SCHEDULE | {"init_from", "retrieval_ft", "distill", "dual_dim",
                              "two_stage_ks", "eval_gallery_images"},
-    "vqa": SCHEDULE | {"init_from", "head_lr_mult"},
-    "grounding": SCHEDULE | {"init_from", "eval_splits", "det_data_dir", "proposal_filter"},
+    "vqa": SCHEDULE | {"init_from", "head_lr_mult", "answer_vocab"},
+    "grounding": SCHEDULE | {"init_from", "eval_splits", "det_data_dir", "grounding_mlp",
+                             "proposal_filter"},
     "matching": SCHEDULE | {"init_from", "matching", "two_stage_ks", "eval_gallery_images"},
 }
 # The keys these were before the per-task subtrees; none may come back.
@@ -170,14 +171,15 @@ def test_pretraining_objectives_keep_their_values_in_subtrees():
   tiny = config_lib.load_config_file(os.path.join(REPO, "configs/uniter_base.py:tiny"))
   base = config_lib.load_config_file(os.path.join(REPO, "configs/uniter_base.py"))
   assert (tiny.mlm.max_predictions, base.mlm.max_predictions) == (8, 12)
-  assert (tiny.mrm.max_predictions, base.mrm.max_predictions) == (4, 10)
+  assert (tiny.mrm.max_predictions, base.mrm.max_predictions) == (4, 30)
   assert tiny.mlm.prob == tiny.mrm.prob == 0.15
   assert (tiny.itm.negatives, base.itm.negatives) == ("balanced", "random")
   assert tiny.itm.neg_prob == 0.5 and tiny.itm.wra_weight == 0.1
   assert dict(tiny.itm.ot) == {"beta": 0.5, "iterations": 50, "k": 1}
   from vlp.train.task_mix import task_kwargs
   assert task_kwargs(tiny, "itm") == dict(wra_weight=0.1, ot_beta=0.5, ot_iterations=50,
-                                          ot_k=1)
+                                          ot_k=1, negatives="balanced",
+                                          hard_similarity="cosine_global")
   from vlp.data.batching import BatchSpec
   spec = BatchSpec.from_config(tiny, 32, masked=True)
   assert (spec.mlm_predictions, spec.mrm_predictions, spec.itm_negatives) == (8, 4, "balanced")
@@ -194,3 +196,29 @@ def test_retrieval_stages_and_their_task_settings():
   assert dict(cross.retrieval_ft) == {"num_hard_negatives": 7, "margin": 0.2, "num_anchors": 8}
   assert (cross.distill.contrastive_weight, dual.distill.contrastive_weight) == (0.0, 1.0)
   assert dict(dual.tasks) == {"retrieval_ft": 0, "distill": 1} and dual.dual_dim == 64
+
+
+def test_base_configs_follow_the_reference_recipes():
+  load = lambda spec: config_lib.load_config_file(os.path.join(REPO, spec))
+  base, large = load("configs/uniter_base.py"), load("configs/uniter_large.py")
+  # 10-100 regions per image; MRM slots sized from them; the clip on the sum over
+  # 8 GPUs x 6 (base) and 16 GPUs x 4 (large) accumulation steps.
+  assert base.max_regions == large.max_regions == 100 and base.mrm.max_predictions == 30
+  assert (base.optimizer.clip_scale, large.optimizer.clip_scale) == (48, 64)
+  assert load("configs/uniter_base.py:tiny").optimizer.clip_scale == 1.0
+  # train-refcoco{,+,g}-base-1gpu.json: lr, steps, warm-up, head; 128 per batch.
+  for data, (lr, steps, warmup, mlp) in {"refcoco": (1e-4, 24000, 1500, 1),
+                                         "refcoco_plus": (6e-5, 10000, 1000, 2),
+                                         "refcocog": (1e-4, 24000, 1500, 1)}.items():
+    c = load(f"configs/finetune_refcoco.py:data={data}")
+    assert (c.optimizer.learning_rate, c.total_steps, c.optimizer.warmup_steps,
+            c.grounding_mlp, c.batch_size, c.seed) == (lr, steps, warmup, mlp, 128, 24), data
+    assert c.optimizer.clip_scale == 1.0 and c.best_metric == "grounding_acc"
+  vqa = load("configs/finetune_vqa.py")
+  assert (vqa.optimizer.clip_scale, vqa.best_metric, vqa.answer_vocab) == (20, "vqa_acc", "")
+  # itm-*-hard: 128 anchors per direction, 399 candidates and 31 hard negatives each.
+  ret = load("configs/finetune_retrieval.py:data=coco_karpathy")
+  assert (ret.batch_size, ret.retrieval_ft.num_anchors, ret.retrieval_ft.num_hard_negatives,
+          ret.optimizer.clip_scale, ret.best_metric) == (400, 128, 31, 16, "")
+  with pytest.raises(ValueError, match="finetune_refcoco.py: data must be one of"):
+    load("configs/finetune_refcoco.py:data=coco")

@@ -6,6 +6,8 @@ through `torch_name_table(num_layers, model.torch_heads)`, so the same checks al
 validate the new table rows and their transposes.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
+from vlp import config_lib
+from vlp.jobs import grounding
 from vlp.models.downstream import (PADDED_REGION_SCORE, UniterForGrounding,
                                    UniterForRetrieval, UniterForVqa)
 from vlp.models.torch_names import FINETUNING_HEADS, torch_name_table
@@ -337,3 +341,22 @@ def test_bf16_compute_keeps_float32_heads():
       assert o16['txt'].dtype == o16['img'].dtype == np.float32
       np.testing.assert_allclose(o16['txt'], o32['txt'], atol=0.05)
       np.testing.assert_allclose(o16['img'], o32['img'], atol=0.05)
+
+
+@pytest.mark.parametrize('data, mlp', [('refcoco', 1), ('refcoco_plus', 2), ('refcocog', 1)])
+def test_refcoco_configs_build_the_reference_head_of_their_dataset(data, mlp):
+  # The reference's `train-refcoco*-base-1gpu.json`: only RefCOCO+ sets mlp=2, a
+  # head whose torch state dict is re_output.{0 Linear H->H, 2 LayerNorm, 3 Linear H->1}.
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_lib.load_config_file(
+      os.path.join(repo, f'configs/finetune_refcoco.py:data={data}'))
+  assert config.grounding_mlp == mlp
+  model = _filled(lambda: grounding.grounding_model(config, _cfg())(rngs=nnx.Rngs(0)))
+  heads = {k: v.shape for k, v in _torch_sd(model).items() if k.startswith('re_output')}
+  assert heads == ({'re_output.weight': (1, H), 're_output.bias': (1,)} if mlp == 1 else
+                   {'re_output.0.weight': (H, H), 're_output.0.bias': (H,),
+                    're_output.2.weight': (H,), 're_output.2.bias': (H,),
+                    're_output.3.weight': (1, H), 're_output.3.bias': (1,)})
+  config.grounding_mlp = 3
+  with pytest.raises(ValueError, match='config.grounding_mlp must be 1 or 2'):
+    grounding.grounding_model(config, _cfg())

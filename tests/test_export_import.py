@@ -28,8 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 import vlp
 from vlp import checkpoint as ckpt_lib, pretrained
-from vlp.data.tokenizer import Tokenizer
-from vlp.data.wordpiece import WordPieceTokenizer
+from vlp.data.tokenizer import Tokenizer, WordPieceTokenizer
 from vlp.parallel import mesh as mesh_lib, sharding as sharding_lib
 from vlp.models.downstream import UniterForVqa
 from vlp.models.pretraining import UniterForPretraining
@@ -413,37 +412,6 @@ def test_model_config_from_an_older_meta(workdir):
          'compute_dtype': 'float32'}
   cfg = pretrained.model_config_from_meta({'config': run}, workdir['params'])
   assert cfg == workdir['cfg']
-
-
-# --------------------------------------------------------------------------------
-# WordPiece.
-
-def test_wordpiece_hand_cases(tmp_path):
-  tok = WordPieceTokenizer(_write_vocab(tmp_path / 'vocab.txt'))
-  ids = {t: i for i, t in enumerate(VOCAB)}
-  assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 2, 3, 4, 5)
-  assert tok.vocab_size == len(VOCAB) and tok.random_range == (7, len(VOCAB))
-  assert tok.tokenize('Hello, world!') == ['Hello', ',', 'world', '!']
-  assert tok.tokenize('unaffable') == ['un', '##aff', '##able']
-  # Cased: 'HELLO' is no piece; an unmatched rest makes the whole word [UNK].
-  assert tok.tokenize('HELLO hellos unaffablex') == ['[UNK]', 'hello', '##s', '[UNK]']
-  assert tok.tokenize('a' * 100) == ['a'] + ['##a'] * 99  # At most 100 characters a word.
-  assert tok.tokenize('a' * 101) == ['[UNK]']
-  # Control characters vanish, tabs/newlines separate, CJK ideographs stand alone.
-  assert tok.tokenize('the\x00\tred\u200b\ncube中a') == ['the', 'red', 'cube', '中', 'a']
-  assert tok.tokenize('a [MASK] cube [mask]') == ['a', '[MASK]', 'cube', '[', 'mask', ']']
-  assert tok.encode(b'the red cube.') == [ids['the'], ids['red'], ids['cube'], ids['.']]
-  assert tok.encode_batch(['a', b'the']) == [[ids['a']], [ids['the']]]
-  assert tok.encode('') == []
-  assert tok.decode([3, ids['un'], ids['##aff'], ids['##able'], ids['cube'], 4, 0, 0]) == \
-      'unaffable cube'
-  lower = WordPieceTokenizer(tmp_path / 'vocab.txt', lowercase=True)
-  assert lower.tokenize('HÉLLO, World') == ['hello', ',', 'world']
-  (tmp_path / 'bad.txt').write_text('[PAD]\n[UNK]\n[CLS]\nhello\n')
-  with pytest.raises(ValueError, match=r"lacks the special token\(s\) \['\[SEP\]', '\[MASK\]'\]"):
-    WordPieceTokenizer(tmp_path / 'bad.txt')
-  with pytest.raises(FileNotFoundError, match='missing.txt'):
-    WordPieceTokenizer(tmp_path / 'missing.txt')
 
 
 def test_head_options_read_the_dual_head_and_refuse_the_old_linear_one():

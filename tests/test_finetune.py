@@ -74,11 +74,13 @@ def test_vqa(pretrained_dir, tmp_path):
       a["question_id"] for a in annotations["annotations"])
   again = vqa_eval.vqa_accuracy(results, annotations)
   assert again["overall"] == out["vqa_acc"]
-  # The same checkpoint on the test split, through the evaluate entry point.
+  # The same checkpoint on the test split, through the evaluate entry point: the
+  # step kept as the best on val (here the only evaluated one, 30).
   cfg.eval_split = "test"
-  test_out = loop.evaluate_checkpoint(cfg, work, devices=ONE)
+  test_out = loop.evaluate_checkpoint(cfg, work, step="best", devices=ONE)
   assert os.path.exists(os.path.join(work, "eval_test.json"))
   assert test_out["split"] == "test" and test_out["num_questions"] > 0
+  assert test_out["step"] == 30 and cfg.best_metric == "vqa_acc"
 
 
 def _restored_state(cfg, work):

@@ -18,11 +18,14 @@ numpy IoU), never from the builders' or evaluators' code.
 * RefCOCO evaluation: a build on the ground-truth boxes is the "gt" setting, a
   second build on detector boxes (`det_data_dir`) the "det" one; per split the
   reported accuracy equals numpy IoU >= 0.5 over the predicted boxes, each of
-  which is a region of its image.
+  which is a region of its image;
+* WordPiece: VQA and RefCOCO batches tokenised with a BERT vocabulary hold the hand
+  tokenisation of their texts; the run's tokenizer follows `init_from`.
 """
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -30,12 +33,12 @@ import pytest
 
 from vlp import checkpoint as ckpt_lib, pretrained
 from vlp.data import downstream as dr
-from vlp.data import examples, prepare
+from vlp.data import examples, prepare, vqa_targets
 from vlp.data import records as record_reader
 from vlp.data.image_records import ImageRecords
 from vlp.data.batching import BatchSpec
 from vlp.data.builders import vlp_scenes, vqa_v2
-from vlp.data.tokenizer import Tokenizer
+from vlp.data.tokenizer import Tokenizer, WordPieceTokenizer
 from vlp.jobs import data_setup, grounding
 from vlp.evaluators import vqa as vqa_eval
 from vlp.train import loop
@@ -126,6 +129,34 @@ def test_vqa_v2_train_batches(built):
     assert sorted(ids) == sorted(q['question_id'] for q in qs['train'][18 * p:18 * (p + 1)])
     seen += list(ids)
   assert sorted(seen) == sorted(by_qid)
+
+
+def test_vqa_v2_labels_follow_an_ans2label_file(built, tmp_path):
+  # UNITER's ans2label.json layout ({answer: label}): the data's own answers in
+  # reverse order plus one it never saw; targets are recomputed over that order.
+  builder, tok, qs = built['vqa'], built['tokenizer'], built['questions']
+  order = expected_vocab(qs)[::-1] + ['zebra']
+  path = tmp_path / 'ans2label.json'
+  path.write_text(json.dumps({a: i for i, a in enumerate(order)}))
+  answers = vqa_targets.read_answer_vocab(str(path))
+  assert answers == order
+  ev = dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, split='val',
+                                 answers=answers)
+  by_qid = {q['question_id']: q for q in qs['val']}
+  for batch in ev:
+    assert batch['vqa_targets'].shape == (6, len(order))
+    _check_vqa_rows(batch, by_qid, built['feats'], order, tok)
+  it = dr.make_task_train_iterator(builder, SPEC, task='vqa', tokenizer=tok, seed=3,
+                                   answers=answers)
+  _check_vqa_rows(next(it), {q['question_id']: q for q in qs['train']}, built['feats'], order,
+                  tok)
+  with pytest.raises(ValueError, match="target_scores must recompute"):
+    dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, split='val',
+                              answers=answers, target_scores='stored')
+  path.write_text(json.dumps({'yes': 0, 'no': 2}))
+  with pytest.raises(ValueError, match=r"ans2label.json: expected \{answer: label\} with the "
+                                       r"labels 0..1"):
+    vqa_targets.read_answer_vocab(str(path))
 
 
 def test_vqa_v2_eval_batches_and_annotations(built):
@@ -250,11 +281,39 @@ def test_reader_errors(built, tmp_path):
   with pytest.raises(ValueError, match='per-example fields'):
     dr.layout(builder, 're')
   with pytest.raises(ValueError, match=r'answers.json \(5 answers\).*\(2 answers\)'):
-    dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, answers=['a', 'b'])
+    dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, answers=['a', 'b'],
+                              target_scores='stored')
   wide = BatchSpec(batch_size=6, max_text_len=16, max_regions=5, feature_dim=2048)
   with pytest.raises(ValueError, match='region features of dim 8, config expects '
                                        'feature_dim=2048'):
     dr.make_task_eval_dataset(builder, wide, task='vqa', tokenizer=tok)
+
+
+@pytest.mark.parametrize('task', ['vqa', 're'])
+def test_wordpiece_batches(built, task, tmp_path):
+  # Records store raw text, so a BERT vocabulary tokenises at batching time. The
+  # vocabulary holds every word and punctuation mark of the fixture texts whole, so
+  # the ids are the words' line numbers, in order (hand tokenisation).
+  texts = [q['question'] for qs in built['questions'].values() for q in qs]
+  texts += [raw for *_, sents in ref_sentences() for _, raw in sents]
+  words = sorted({w for t in texts for w in re.findall(r'\w+|[^\w\s]', t)})
+  vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + words
+  (tmp_path / 'vocab.txt').write_text('\n'.join(vocab) + '\n')
+  tok = WordPieceTokenizer(str(tmp_path / 'vocab.txt'))
+  builder = built['vqa'] if task == 'vqa' else built['refs']['gt']
+  it = dr.make_task_train_iterator(builder, SPEC, task=task, tokenizer=tok, seed=0)
+  batch = next(it)
+  if task == 'vqa':  # The row's question.
+    by_qid = {q['question_id']: [q['question']] for q in built['questions']['train']}
+    options = [by_qid[int(q)] for q in batch['question_id']]
+  else:  # An expression of the row's ref (which one is the sampler's choice).
+    by_ref = {ref_id: [raw for _, raw in sents] for ref_id, *_, sents in ref_sentences()}
+    options = [by_ref[int(r)] for r in batch['ref_id']]
+  for i in range(SPEC.batch_size):
+    ids = batch['input_ids'][i, :int(batch['txt_mask'][i].sum())].tolist()
+    hand = [[2] + [vocab.index(w) for w in re.findall(r'\w+|[^\w\s]', t)][:14] + [3]
+            for t in options[i]]
+    assert ids in hand, (ids, options[i])
 
 
 def test_tokenizer_resolution(built, tmp_path):
@@ -269,6 +328,7 @@ def test_tokenizer_resolution(built, tmp_path):
   (pre / 'config.json').write_text(json.dumps({
       'format': pretrained.FORMAT, 'format_version': pretrained.FORMAT_VERSION,
       'tokenizer': {'type': 'sentencepiece', 'file': 'spm.model'}}))
+  (pre / 'spm.model').write_bytes(open(spm, 'rb').read())
   cfg.init_from = str(pre)
   assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == str(pre / 'spm.model')
   # A training workdir: the model_info of its latest checkpoint.
@@ -278,8 +338,32 @@ def test_tokenizer_resolution(built, tmp_path):
   ckpt.close()
   cfg.init_from = str(work)
   assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == spm
-  cfg.tokenizer = '/explicit/spm.model'
-  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == '/explicit/spm.model'
+  # The tokenizer follows the checkpoint: a copy of its file may be named, another
+  # file is an error that names both.
+  copy = tmp_path / 'copy.model'
+  copy.write_bytes(open(spm, 'rb').read())
+  cfg.tokenizer = str(copy)
+  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from) == spm
+  other = tmp_path / 'other.model'
+  other.write_bytes(b'x' + open(spm, 'rb').read())
+  cfg.tokenizer = str(other)
+  with pytest.raises(ValueError, match=f"config.tokenizer='{other}' is not the tokenizer "
+                                       f"'{spm}' that config.init_from='{work}' was trained"):
+    data_setup.tokenizer_path(cfg, built['vqa'], init_from=cfg.init_from)
+  # Without init_from, config.tokenizer is used as it is.
+  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from='') == str(other)
+  # A checkpoint whose tokenizer file is gone: an error, unless config.tokenizer names a copy.
+  gone = tmp_path / 'gone'
+  ckpt = ckpt_lib.Checkpointer(str(gone / 'checkpoints'), save_every=1, keep=1)
+  ckpt.save(1, {'x': np.zeros(2)}, {'model_info': {'tokenizer': '/elsewhere/spm.model'}},
+            force=True)
+  ckpt.close()
+  cfg.tokenizer = ''
+  with pytest.raises(FileNotFoundError, match="tokenizer '/elsewhere/spm.model', which does "
+                                              "not exist here"):
+    data_setup.tokenizer_path(cfg, built['vqa'], init_from=str(gone))
+  cfg.tokenizer = str(copy)
+  assert data_setup.tokenizer_path(cfg, built['vqa'], init_from=str(gone)) == str(copy)
 
 
 # ------------------------------------------------------------------ end to end

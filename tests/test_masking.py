@@ -155,6 +155,28 @@ def test_mrm_fallback_is_uniform_and_cap_leaves_rest_unmasked():
   np.testing.assert_array_equal(out['img_feat'][unmasked], batch['img_feat'][unmasked])
 
 
+def test_prediction_slots_bound_the_overflow_of_full_images():
+  from scipy import stats as sp_stats
+  for length, prob, bound in [(100, 0.15, 1e-4), (36, 0.15, 1e-4), (100, 0.15, 1e-2)]:
+    cap = masking.prediction_slots(length, prob, bound)
+    # The smallest cap whose binomial tail P(selected > cap) is within the bound.
+    assert sp_stats.binom.sf(cap, length, prob) <= bound < sp_stats.binom.sf(cap - 1, length,
+                                                                             prob)
+  assert masking.prediction_slots(100, 0.15) == 30  # The base config's 100 regions.
+  # 2000 full 100-region images: the sized cap drops nothing, the former 10 slots
+  # drop about 2000 x (15 - 10) selections.
+  rng = np.random.default_rng(7)
+  batch = make_batch(rng, b=2000, k=100, d=4, c=2, regions=100)
+  for cap, capped in [(30, lambda n: n == 0), (10, lambda n: n > 2000 * 4)]:
+    counts = {}
+    out = masking.make_mrm_batch(batch, np.random.default_rng(8), max_predictions=cap,
+                                 stats=counts)
+    assert capped(counts['mrm_capped']), (cap, counts)
+    np.testing.assert_array_equal(out['mrm_weights'].sum(1), out['img_masked'].sum(1))
+  with pytest.raises(ValueError, match='prediction_slots needs'):
+    masking.prediction_slots(0, 0.15)
+
+
 def test_itm_negatives():
   rng = np.random.default_rng(6)
   negatives, total = 0, 0
@@ -230,6 +252,17 @@ def test_itm_balanced_each_caption_and_image_once_matched_once_not(real, shared)
   for key in masking.ITM_IMAGE_KEYS:  # image fields travel together
     src = [int(np.nonzero(batch['image_id'][:half] == i)[0][0]) for i in neg_ids]
     np.testing.assert_array_equal(out[key][half:2 * half], batch[key][src])
+
+
+def test_itm_hardest_leaves_the_batch_matched_for_the_task_to_mine():
+  rng = np.random.default_rng(11)
+  batch = make_batch(rng, b=8)
+  out = masking.make_itm_batch(batch, rng, negatives='hardest')
+  assert out['itm_target'].dtype == np.int32 and out['itm_target'].tolist() == [1] * 8
+  for key in COMMON:
+    np.testing.assert_array_equal(out[key], batch[key])
+  with pytest.raises(ValueError, match='hardest ITM negatives.*itm_neg_prob must be 0.5'):
+    masking.make_itm_batch(batch, rng, neg_prob=0.3, negatives='hardest')
 
 
 def test_itm_balanced_same_image_everywhere_counted_and_rejects_other_ratio():

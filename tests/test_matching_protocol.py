@@ -31,14 +31,14 @@ def tiny_config(data_dir):
 def test_protocol_table_on_two_mechanisms(tmp_path):
   cfg = tiny_config(tmp_path / "data")
   work = str(tmp_path / "protocol")
-  result = matching_protocol.run_protocol(cfg, work, ["global_nce", "slan", "scan_t2i"])
+  result = matching_protocol.run_protocol(cfg, work, ["global_nce", "slan"])
   with open(os.path.join(work, "matching_protocol.json")) as f:
     table = json.load(f)
   assert table["rows"] == json.loads(json.dumps(result["rows"]))
   assert os.path.getsize(os.path.join(work, "matching_protocol.png")) > 10_000
   assert table["budget"] == {"steps": 90, "batch_size": 32, "seed": 42,
                              "learning_rate": 2e-3}
-  done = [r for r in table["rows"] if "skipped" not in r]
+  done = table["rows"]
   for row in done:
     assert set(row) == FIELDS, row
   modes = {(r["mechanism"], r["mode"]) for r in done}
@@ -58,9 +58,6 @@ def test_protocol_table_on_two_mechanisms(tmp_path):
   assert chance["t2i"] == pytest.approx(1.0) and chance["i2t"] == pytest.approx(1.0)
   full = by[("global_nce", "full")]
   assert full["t2i_r1"] > 3 * chance["t2i"] and full["i2t_r1"] > 3 * chance["i2t"], full
-  # Without the full registry, SCAN is reported as skipped with the reason.
-  skipped = [r for r in table["rows"] if "skipped" in r]
-  assert all(r["mechanism"] == "scan_t2i" and "scan_t2i" in r["skipped"] for r in skipped)
   # Run again in the same workdir: finished mechanisms are read back, not retrained.
   again = matching_protocol.run_protocol(cfg, work, ["slan", "global_nce"])
   assert again["rows"] == [r for r in result["rows"] if r["mechanism"] == "slan"] + [
@@ -84,15 +81,15 @@ def test_chance_levels_match_a_simulation():
 
 def test_pair_scorer_reads_the_same_scores_as_the_full_matrix():
   from vlp.jobs import matching as matching_job
-  from vlp.matching import registry
+  from vlp.matching import score_matrix, similarities
   rng = np.random.default_rng(1)
   img = rng.normal(size=(6, 3, 4)).astype(np.float32)
   txt = rng.normal(size=(9, 5, 4)).astype(np.float32)
   im, tm = np.ones((6, 3), bool), np.ones((9, 5), bool)
   tm[2, 3:] = False
-  full = registry.score_matrix(registry.cosine_global, img, im, txt, tm, chunk_images=4,
-                               chunk_texts=4)
+  full = score_matrix.score_matrix(similarities.cosine_global, img, im, txt, tm,
+                                   chunk_images=4, chunk_texts=4)
   ii = np.array([0, 0, 3, 5, 5, 5])
   tt = np.array([1, 8, 2, 0, 2, 7])
-  got = matching_job.pair_scorer(registry.cosine_global, img, im, txt, tm)(ii, tt)
+  got = matching_job.pair_scorer(similarities.cosine_global, img, im, txt, tm)(ii, tt)
   np.testing.assert_allclose(got, full[ii, tt], atol=1e-6)

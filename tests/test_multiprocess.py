@@ -4,7 +4,8 @@ real SIGTERMs, and a coordinator nobody can reach.
 * 2 processes x 2 CPU devices give the first five losses of 1 process x 4 devices
   (same mesh, same fixed data shards), and only process 0 logs and writes metrics;
 * SIGTERM to that 2-process job (the launcher forwards it to both, as a scheduler
-  would) stops both after the same step with a checkpoint and exit status 0;
+  would) stops both after the same step with a checkpoint and exit status 42
+  (`EXIT_PREEMPTED`: requeue me), which the launcher passes on;
   restarting from it as 1 process x 4 devices continues the same loss curve, and
   a SIGTERM to that single process again leaves a checkpoint where it stopped;
 * a process that cannot reach its coordinator, or a coordinator whose peers never
@@ -28,6 +29,8 @@ import time
 
 import numpy as np
 import pytest
+
+from vlp.parallel.preemption import EXIT_PREEMPTED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
@@ -110,11 +113,12 @@ def _run_until(cmd, env, workdir, steps, timeout=400):
 
 def _stopped_with_checkpoint(rc, out, workdir, prefix=""):
   """The step a pre-empted run stopped after; checks its exit and checkpoint."""
-  assert rc == 0, out[-5000:]
+  assert rc == EXIT_PREEMPTED, out[-5000:]
   steps = sorted(_losses(workdir))
   stopped = steps[-1]
   assert stopped < TOTAL_STEPS
-  assert f"{prefix}pre-emption (SIGTERM): checkpoint written at step {stopped}; exiting" in out, \
+  assert (f"{prefix}pre-emption (SIGTERM) during training: checkpoint written at step {stopped}; "
+          "exiting") in out, \
       out[-5000:]
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped)))
   return stopped
@@ -142,7 +146,7 @@ def two_processes(data_dir, cache_dir, tmp_path_factory):
 
 def test_two_processes_match_one_process(two_processes, reference):
   workdir, rc, out = two_processes
-  assert rc == 0, out[-5000:]
+  assert rc == EXIT_PREEMPTED, out[-5000:]
   assert "[0] process 0/2, 4 devices, mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in out
   assert "[1] process" not in out and "[1] step" not in out  # Progress from process 0 only.
   records = _metrics(workdir)
@@ -156,11 +160,16 @@ def test_two_processes_match_one_process(two_processes, reference):
 
 def test_sigterm_checkpoints_and_resumes(two_processes, reference, data_dir, cache_dir,
                                          tmp_path):
-  # Both processes stopped after the same step, wrote one checkpoint and exited 0.
+  # Both processes stopped after the same step, wrote one checkpoint and exited 42.
   first_dir, rc, out = two_processes
   stopped = _stopped_with_checkpoint(rc, out, first_dir, prefix="[0] ")
-  assert "[1] pre-emption" not in out  # Process 1 does not log, but it exited 0 too:
-  assert "exited with status" not in out  # the launcher reports any failure.
+  # Only process 0 logs; every process says why it exits (its status: 42 on both,
+  # or the launcher would report the failure).
+  assert "[1] pre-emption (SIGTERM) during training: checkpoint written at step " \
+         f"{stopped}; exiting" not in out
+  assert all(f"[{i}] pre-emption (SIGTERM) during training: checkpoint written at step "
+             f"{stopped}; exit status 42" in out for i in (0, 1))
+  assert "exited with status" not in out
 
   # Resume as one process with 4 devices; pre-empt it 3 steps later.
   workdir = tmp_path / "resumed"

@@ -299,3 +299,73 @@ def test_registry():
     tasks.make_loss_fn("mlm", wra_weight=0.1)
   with pytest.raises(KeyError):
     tasks.make_loss_fn("no_such_task")
+
+
+# ------------------------------------------------- ITM with hardest negatives
+
+class FakeBackbone:
+  """`model.uniter` of a fake model: a text-only call (no regions) returns the
+  chosen text states, an image-only call ([CLS] + regions) [0 | region states]."""
+
+  def __init__(self, text, regions):
+    self.text, self.regions = jnp.asarray(text), jnp.asarray(regions)
+
+  def __call__(self, input_ids, txt_mask, img_feat, img_pos, img_mask, **kwargs):
+    if img_feat.shape[1] == 0:
+      return self.text, None
+    cls = jnp.zeros_like(self.regions[:, :1])
+    return jnp.concatenate([cls, self.regions], axis=1), None
+
+
+class RecordingModel:
+  """Fake model whose `encode` keeps the batch it was given (eager calls only)."""
+
+  def __init__(self, text, regions):
+    self.uniter = FakeBackbone(text, regions)
+    self.seen = None
+
+  def encode(self, batch, *, rngs=None):
+    self.seen = batch
+    rows, length = batch["input_ids"].shape[0], batch["input_ids"].shape[1]
+    sequence = jnp.zeros((rows, length + batch["img_mask"].shape[1], H))
+    return {"sequence": sequence, "pooled": sequence[:, 0],
+            "itm_logits": jnp.zeros((rows, 2))}
+
+
+def test_itm_hardest_negatives_pair_each_anchor_with_its_closest_other_image_or_caption():
+  rows, length, regions_per_image = 6, 2, 2
+  rng = np.random.default_rng(12)
+  text = rng.normal(size=(rows, length, H)).astype(np.float32)
+  regions = rng.normal(size=(rows, regions_per_image, H)).astype(np.float32)
+  regions[3] = text[0]  # image of row 3 is the closest to caption 0 ...
+  image_id = np.array([0, 1, 2, 0, 3, 4])  # ... but shows the same image (id 0)
+  real = np.array([True] * 5 + [False])  # row 5 is padding
+  batch = {"input_ids": np.repeat(np.arange(rows)[:, None], length, 1).astype(np.int32),
+           "txt_mask": np.ones((rows, length), bool),
+           "img_feat": np.repeat(np.arange(rows, dtype=np.float32)[:, None, None],
+                                 regions_per_image, 1),
+           "img_pos": np.zeros((rows, regions_per_image, 7), np.float32),
+           "img_mask": np.ones((rows, regions_per_image), bool),
+           "image_id": image_id, "example_mask": real,
+           "itm_target": np.ones(rows, np.int32)}
+  model = RecordingModel(text, regions)
+  itm.itm_loss(model, batch, None, wra_weight=0.0, negatives="hardest")
+
+  # Expected, from the formula: cosine of mean states, other image ids, real rows.
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  scores = unit(regions.mean(1)) @ unit(text.mean(1)).T  # [image, caption]
+  other = (image_id[:, None] != image_id[None, :]) & real[:, None] & real[None, :]
+  closest_image_to_caption0 = int(np.argmax(np.where(other[:, 0], scores[:, 0], -9)))
+  closest_caption_to_image1 = int(np.argmax(np.where(other[1], scores[1], -9)))
+  assert closest_image_to_caption0 != 3
+  # Rows 0-2 stay matched; row 3 = caption 0 + hard image (anchor 0 is even), row 4
+  # = hard caption + image 1 (anchor 1 is odd); row 5 (padding) stays as it was.
+  seen = model.seen
+  np.testing.assert_array_equal(seen["input_ids"][:, 0],
+                                [0, 1, 2, 0, closest_caption_to_image1, 5])
+  np.testing.assert_array_equal(seen["img_feat"][:, 0, 0],
+                                [0, 1, 2, closest_image_to_caption0, 1, 5])
+  np.testing.assert_array_equal(seen["itm_target"], [1, 1, 1, 0, 0, 1])
+  with pytest.raises(ValueError, match="needs `image_id`"):
+    itm.itm_loss(model, {k: v for k, v in batch.items() if k != "image_id"}, None,
+                 wra_weight=0.0, negatives="hardest")

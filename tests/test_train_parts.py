@@ -41,7 +41,36 @@ def test_decay_mask_follows_reference_names():
 def _opt_cfg(**kw):
   return ml_collections.ConfigDict(dict(dict(
       learning_rate=0.1, warmup_steps=1, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01,
-      grad_clip=1.0, frozen=""), **kw))
+      grad_clip=1.0, clip_scale=1.0, frozen=""), **kw))
+
+
+def test_clip_scale_clips_the_reference_sum_and_feeds_it_to_adamw():
+  # The mean gradient g (norm 0.05) times the reference's GPUs x accumulation steps.
+  params = {"w": jnp.zeros((2,))}
+  g = {"w": jnp.array([0.03, 0.04])}
+  def first_step(scale, grads=g):
+    tx, _ = optim.make_optimizer(_opt_cfg(clip_scale=scale, weight_decay=0.0), 10)
+    updates, state = tx.update(grads, tx.init(params), params)
+    return np.asarray(optax_mu(state)["w"]), np.asarray(updates["w"])
+  # Scale 1: 0.05 < clip 1, nothing clipped; mu = (1 - b1) g.
+  np.testing.assert_allclose(first_step(1.0)[0], [0.003, 0.004], rtol=1e-6)
+  # Scale 10: 10 g has norm 0.5 < 1, not clipped, and AdamW sees 10 g.
+  np.testing.assert_allclose(first_step(10.0)[0], [0.03, 0.04], rtol=1e-6)
+  # Scale 48 (8 GPUs x 6 steps): 48 g = [1.44, 1.92], norm 2.4 > 1: clipped to [0.6, 0.8].
+  mu, update = first_step(48.0)
+  np.testing.assert_allclose(mu, [0.06, 0.08], rtol=1e-6)
+  # First AdamW step: -lr m_hat / (sqrt(v_hat) + eps) with m_hat = c, v_hat = c^2.
+  np.testing.assert_allclose(update, -0.1 * np.array([0.6, 0.8]) / (np.array([0.6, 0.8]) + 1e-6),
+                             rtol=1e-5)
+  # Adam's eps sits next to the scaled gradient, as in the reference: a tiny mean
+  # gradient 3e-7 moves by 3e-7 / (3e-7 + 1e-6) at scale 1, 48 * 3e-7 / (48 * 3e-7 + 1e-6)
+  # at scale 48 (a threshold scaled down instead would leave the first).
+  tiny = {"w": jnp.array([3e-7, 0.0])}
+  for scale in (1.0, 48.0):
+    want = -0.1 * scale * 3e-7 / (scale * 3e-7 + 1e-6)
+    np.testing.assert_allclose(first_step(scale, tiny)[1][0], want, rtol=1e-3)
+  with pytest.raises(ValueError, match="optimizer.clip_scale must be positive"):
+    optim.make_optimizer(_opt_cfg(clip_scale=0.0), 10)
 
 
 def test_frozen_modules_take_no_update_and_leave_the_clip_norm():

@@ -3,7 +3,10 @@
 A checkpoint step holds two items: ``state`` (the train state pytree, sharded
 arrays) and ``meta`` (JSON: the data-iterator position, the config, the task mix
 ...). Saves are asynchronous; the save policy is "every N steps, plus whenever
-the caller forces one" (end of training, pre-emption). Restores always go into an
+the caller forces one" (end of training, pre-emption). A fine-tuning run may
+also keep its best step: saves made right after an evaluation carry that
+evaluation's metric, and the step with the highest one is kept beside the latest
+`keep` (`best_metric`). Restores always go into an
 abstract target whose leaves carry the *current* shardings, which is what lets a
 checkpoint written on one mesh load on another (or on a single CPU).
 """
@@ -18,11 +21,26 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 
+def best_step(step_metrics: dict[int, dict | None], metric: str) -> int | None:
+  """The step whose metrics have the highest `metric` (ties: the latest, as orbax's
+  `BestN` keeps), or None. Steps without a number for `metric` do not compete.
+  """
+  scored = [(value, step) for step, m in step_metrics.items()
+            if isinstance(value := (m or {}).get(metric), (int, float))]
+  return max(scored)[1] if scored else None
+
+
 class Checkpointer:
-  """Periodic, asynchronous checkpoints of (state, meta) under `directory`."""
+  """Periodic, asynchronous checkpoints of (state, meta) under `directory`.
+
+  `best_metric` (e.g. "vqa_acc"; "" = none): besides the latest `keep` steps,
+  the step saved with the highest value of that metric (`save(metrics=...)`)
+  is kept.
+  """
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 2,
-               async_save: bool = True):
+               async_save: bool = True, best_metric: str = ""):
+    self.best_metric = best_metric
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
     registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
@@ -30,7 +48,14 @@ class Checkpointer:
     registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=checkpoint_managers.FixedIntervalPolicy(max(1, save_every)),
-        preservation_policy=checkpoint_managers.LatestN(max(1, keep)),
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy([
+            checkpoint_managers.LatestN(max(1, keep)),
+            checkpoint_managers.BestN(get_metric_fn=self._metric, n=1,
+                                      keep_checkpoints_without_metrics=False)])
+        if best_metric else checkpoint_managers.LatestN(max(1, keep)),
+        # With a best_fn orbax writes each step's metrics and reads them back on a
+        # restart (the policy above decides what is kept).
+        best_fn=self._metric if best_metric else None, best_mode="max",
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True)
@@ -38,18 +63,35 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        handler_registry=registry)
 
+  def _metric(self, metrics: dict) -> float:
+    """The ranking value of a step's metrics (a step saved under another
+    `best_metric` ranks last rather than failing)."""
+    value = metrics.get(self.best_metric)
+    return float(value) if isinstance(value, (int, float)) else float("-inf")
+
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-    """Saves if the policy says so (or `force`); returns whether a save started."""
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False,
+           metrics: dict | None = None) -> bool:
+    """Saves if the policy says so (or `force`); returns whether a save started.
+
+    `metrics` ({best_metric: number}) makes the step compete for the best one.
+    """
     return self._mngr.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)),
-        force=force)
+        force=force, metrics=metrics)
+
+  def best_step(self) -> int | None:
+    """The kept step with the highest `best_metric` (None without one)."""
+    if not self.best_metric:
+      return None
+    return best_step({s: self._mngr.metrics(s) for s in self._mngr.all_steps()},
+                     self.best_metric)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores `step` into `abstract_state` (ShapeDtypeStructs with shardings)."""

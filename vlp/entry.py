@@ -12,7 +12,8 @@ before anything touches the devices, keeps JAX off an installed libtpu where
 there is no TPU (`runtime.skip_absent_tpu`), splits the CPU platform into
 `config.cpu_devices` devices and starts the multi-host runtime (the flags of
 `vlp.parallel.runtime`). Then it calls `main(config)` (None for a command
-without a config).
+without a config). A run stopped by SIGTERM after writing its checkpoint exits
+with status `preemption.EXIT_PREEMPTED` (42), which the launchers requeue on.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vlp import config_lib
-from vlp.parallel import runtime  # Defines the multi-host flags.
+from vlp.parallel import preemption, runtime  # runtime defines the multi-host flags.
 
 
 def config_flag() -> flags.FlagHolder:
@@ -53,7 +54,13 @@ def run(main: Callable[[ml_collections.ConfigDict | None], None], *,
     runtime.skip_absent_tpu()
     if devices:
       runtime.initialize_from_flags(cpu_devices=cfg.cpu_devices if cfg is not None else 0)
-    main(cfg)
+    try:
+      main(cfg)
+    except preemption.Preempted as why:
+      # The checkpoint is written: this status asks the launcher to requeue the run.
+      print(f"{why}; exit status {preemption.EXIT_PREEMPTED}: requeue with the same "
+            "--workdir to resume", file=sys.stderr, flush=True)
+      sys.exit(preemption.EXIT_PREEMPTED)
 
   config_lib.check_overrides(sys.argv)
   flags.mark_flags_as_required((["config"] if config is not None else []) + list(required))

@@ -3,7 +3,8 @@
 Knows no model and no training loop. Entry points:
 
 * :func:`vlp.data.scenes.prepare_scenes` / :func:`vlp.data.scenes.tokenizer_path`
-* :class:`vlp.data.tokenizer.Tokenizer`
+* :class:`vlp.data.tokenizer.Tokenizer` (sentencepiece), :class:`vlp.data.tokenizer.WordPieceTokenizer`
+  (BERT vocab.txt), :func:`vlp.data.tokenizer.open_tokenizer`
 * :func:`vlp.data.pipeline.make_train_iterator`, :func:`vlp.data.pipeline.make_eval_dataset`,
   :func:`vlp.data.pipeline.load_retrieval_gallery` (image-caption pairs)
 * :func:`vlp.data.downstream.make_task_train_iterator`,

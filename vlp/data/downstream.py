@@ -106,13 +106,19 @@ class _Reader:
                                boxes=True)
     if task == 'vqa':
       stored = answer_vocab(builder)
-      if answers is not None and list(answers) != stored:
-        raise ValueError(f'{_where(builder)}: its records label answers by position in its '
-                         f'answers.json ({len(stored)} answers); a different vocabulary '
-                         f'({len(answers)} answers) was passed')
-      self.num_answers = len(stored)
+      vocab = stored if answers is None else list(answers)
+      if vocab != stored:
+        # Another vocabulary (e.g. UNITER's ans2label.json): the stored labels index
+        # answers.json, so the targets are recomputed from the raw human answers.
+        if target_scores == 'stored':
+          raise ValueError(f'{_where(builder)}: its stored targets label answers by position '
+                           f'in its answers.json ({len(stored)} answers); with another '
+                           f'vocabulary ({len(vocab)} answers) target_scores must recompute '
+                           f'them: one of {vqa_targets.TARGET_SCORES}')
+        target_scores = target_scores or 'official'  # What the builder stores.
+      self.num_answers = len(vocab)
       if target_scores not in (None, 'stored'):
-        self.targets = vqa_targets.SoftTargets(vqa_targets.answer_labels(stored), target_scores)
+        self.targets = vqa_targets.SoftTargets(vqa_targets.answer_labels(vocab), target_scores)
 
   def index(self, lo: int, hi: int) -> ExampleIndex:
     """Examples of image records [lo, hi) ('images') or of examples [lo, hi)."""
@@ -149,7 +155,8 @@ def make_task_train_iterator(builder, spec: BatchSpec, *, task: str, tokenizer: 
     split, process_index, process_count, start_index, worker_count, num_threads,
     prefetch: as `vlp.data.pipeline.make_train_iterator`.
     answers: VQA answer vocabulary (label = position); None reads the one stored
-      with the data. Per-example records accept only their stored one.
+      with the data. Per-example records given another one recompute their
+      targets over it from the raw answers (default 'official', as stored).
     target_scores: None (each layout's default: 'consensus' for image-level
       records, the stored scores for per-example ones), 'consensus', 'official'
       (`vlp.data.vqa_targets.soft_targets`) or 'stored' (per-example records).

@@ -10,12 +10,14 @@ vectorised over the batch; the result is a pure function of (batch, rng state).
 Caps: like BERT's `max_predictions_per_seq`, at most `max_predictions` positions
 per example are masked. When more were selected, a uniformly random subset of
 `max_predictions` is kept and the rest are left untouched (not masked, not
-labelled). Pass a `stats` dict to count such events.
+labelled). Pass a `stats` dict to count such events (`mlm_capped`, `mrm_capped`;
+the train streams sum them). `prediction_slots` sizes a cap so that this is rare.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, MutableMapping
 
 import numpy as np
@@ -37,6 +39,24 @@ class TokenIds:
   def from_tokenizer(cls, tok: Any) -> 'TokenIds':
     return cls(int(tok.pad_id), int(tok.cls_id), int(tok.sep_id), int(tok.mask_id),
                tuple(int(i) for i in tok.random_range))
+
+
+def prediction_slots(length: int, prob: float, max_drop: float = 1e-4) -> int:
+  """The smallest cap P with P(Binomial(length, prob) > P) <= max_drop.
+
+  Each of `length` positions is selected with probability `prob`, so with P slots
+  a full-length example loses part of its selection with at most that
+  probability (shorter ones less). E.g. 100 regions at 0.15: 30 slots (tail 4e-5).
+  """
+  if length < 1 or not 0 <= prob <= 1 or not 0 < max_drop < 1:
+    raise ValueError(f'prediction_slots needs length >= 1, prob in [0, 1] and max_drop in '
+                     f'(0, 1); got {length}, {prob}, {max_drop}')
+  tail = 1.0
+  for cap in range(length + 1):
+    tail -= math.comb(length, cap) * prob ** cap * (1 - prob) ** (length - cap)
+    if tail <= max_drop:
+      return max(cap, 1)
+  return length
 
 
 def _require(batch: Mapping[str, np.ndarray], keys, kind: str):
@@ -206,15 +226,15 @@ def _draw_partners(image_id: np.ndarray, usable: np.ndarray, rng: np.random.Gene
   return partner, ok
 
 
-ITM_NEGATIVES = ('random', 'balanced')
+ITM_NEGATIVES = ('random', 'balanced', 'hardest')
 
 
 def check_itm_options(negatives: str, neg_prob: float) -> None:
   """Raises ValueError for an unknown sampler or a ratio that `balanced` cannot give."""
   if negatives not in ITM_NEGATIVES:
     raise ValueError(f'unknown ITM negatives {negatives!r}; expected one of {ITM_NEGATIVES}')
-  if negatives == 'balanced' and neg_prob != 0.5:
-    raise ValueError(f'balanced ITM negatives pair every caption once with its image '
+  if negatives in ('balanced', 'hardest') and neg_prob != 0.5:
+    raise ValueError(f'{negatives} ITM negatives pair every caption once with its image '
                      f'and once without: itm_neg_prob must be 0.5, got {neg_prob}')
 
 
@@ -238,6 +258,11 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   (docs/experiments.md, "The tiny demo: getting ITM off its plateau on a CPU"); the
   price is B/2 distinct pairs per batch. An odd last real row stays positive.
 
+  `negatives='hardest'` (a vlp option after MVPTR; `neg_prob` must be 0.5): the
+  batch leaves here all matched (`itm_target` 1) and the `itm` task replaces the
+  second half of the rows on the device with the hardest in-batch negatives of the
+  first half, as the current model ranks them (`vlp.tasks.itm.hardest_itm_pairs`).
+
   Either way nothing is masked, padding rows (example_mask False) are never
   negatives nor partners, and a negative without any partner of another image_id
   stays positive and is counted in `stats['itm_no_negative']`.
@@ -252,6 +277,8 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   usable = np.asarray(batch.get('example_mask', np.ones(b, bool)), bool)
   if negatives == 'balanced':
     return _balanced_itm_batch(batch, rng, image_id, usable, stats)
+  if negatives == 'hardest':
+    return dict(batch, itm_target=np.ones(b, np.int32))
   negative = (rng.random(b) < neg_prob) & usable
   partner, found = _draw_partners(image_id, usable, rng)
   _bump(stats, 'itm_no_negative', np.sum(negative & ~found))

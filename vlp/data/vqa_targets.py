@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 
@@ -21,6 +22,27 @@ def answer_labels(answers: list[str]) -> dict[str, int]:
                        f'same {key!r}; an answer vocabulary must be normalised and unique')
     label_of[key] = i
   return label_of
+
+
+def read_answer_vocab(path: str) -> list[str]:
+  """The answer list (label = position) of a JSON file: {answer: label} with labels
+  0..N-1 (UNITER's `ans2label.json`), or a list of answers."""
+  with open(path) as f:
+    raw = json.load(f)
+  if isinstance(raw, dict):
+    labels = sorted(raw.values()) if all(isinstance(v, int) for v in raw.values()) else None
+    if labels != list(range(len(raw))) or not all(isinstance(a, str) for a in raw):
+      raise ValueError(f'{path}: expected {{answer: label}} with the labels 0..{len(raw) - 1} '
+                       'each once (an ans2label.json), or a list of answers')
+    raw = sorted(raw, key=raw.get)
+  if not isinstance(raw, list) or not raw or not all(isinstance(a, str) for a in raw):
+    raise ValueError(f'{path}: expected a non-empty list of answer strings or an '
+                     '{answer: label} object')
+  try:
+    answer_labels(raw)
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from e
+  return raw
 
 
 def soft_targets(answers, label_of: dict[str, int], mode: str = 'consensus'):

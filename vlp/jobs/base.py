@@ -57,7 +57,10 @@ class EvalContext:
   """What an evaluator needs from the running loop.
 
   `jit(key, make)` returns `make()` compiled once per run (keyed by `key`): the
-  cache lives as long as the run, not the process.
+  cache lives as long as the run, not the process. Every eval batch goes through
+  `to_global`, on every process in the same order; in a training run it raises
+  `vlp.parallel.preemption.Preempted` there after a SIGTERM, so evaluators must
+  let exceptions through (no broad `except`).
   """
   step: int
   config: ml_collections.ConfigDict
@@ -92,6 +95,8 @@ class Job:
       tokenizer path, heads) so that `vlp.export` can rebuild the model.
     lr_multipliers: top-level module name -> learning-rate factor (e.g. the
       VQA head's 10x).
+    flops_per_example: task name -> model FLOPs of one training example
+      (`vlp.train.flops`), for the MFU in the logs; a task left out gets none.
   """
   data: JobData
   make_model: Callable[..., Any]
@@ -102,6 +107,7 @@ class Job:
   eval_file: str = "eval.json"
   model_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   lr_multipliers: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  flops_per_example: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 # A job factory: (config, what this process feeds) -> Job.
@@ -132,6 +138,9 @@ def init_params_fn(config: ml_collections.ConfigDict, model_cfg,
 
 
 def model_info(model_cls, model_cfg, tokenizer, **heads: Any) -> dict:
-  """`Job.model_info` of a model class, its config, tokenizer and head options."""
+  """`Job.model_info` of a model class, its config, tokenizer and head options.
+
+  The tokenizer's file and case handling are what `init_from` of a later run (and
+  `vlp.export`) read back, so the tokenizer follows the checkpoint."""
   return {"model_class": model_cls.__name__, "model_config": dataclasses.asdict(model_cfg),
-          "tokenizer": tokenizer.path, **heads}
+          "tokenizer": tokenizer.path, "tokenizer_lowercase": tokenizer.lowercase, **heads}

@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 
 from vlp.data import scenes
 import vlp.data.builders  # noqa: F401  (registers the real-dataset builders)
-from vlp.data.tokenizer import Tokenizer
+from vlp.data import tokenizer as tokenizer_lib
 from vlp.models.uniter_config import UniterConfig, model_config
 
 
@@ -40,36 +40,75 @@ def open_builder(config: ml_collections.ConfigDict):
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, builder, *, init_from: str) -> str:
-  """The sentencepiece model of a run: `config.tokenizer`, else the one stored with
-  the data (vlp_scenes, Karpathy builds), else the one the `init_from` model (a
-  fine-tuning job's `config.init_from`; "" for pretraining, which has none) was
-  trained with (a pretrained directory's tokenizer file, or the `model_info` of a
-  training workdir's checkpoint). The real VQA / RefCOCO builds store none."""
-  if config.tokenizer:
-    return config.tokenizer
-  if config.data == "vlp_scenes":
-    return scenes.tokenizer_path(builder)
-  stored = os.path.join(os.fspath(builder.data_dir), "spm.model")
-  if os.path.exists(stored):
-    return stored
+  """The tokenizer file of a run (`resolve_tokenizer`)."""
+  return resolve_tokenizer(config, builder, init_from=init_from)[0]
+
+
+def resolve_tokenizer(config: ml_collections.ConfigDict, builder, *,
+                      init_from: str) -> tuple[str, bool]:
+  """(file, lowercase) of the run's tokenizer: a sentencepiece model or a WordPiece
+  vocab.txt (`lowercase`: an uncased one).
+
+  The tokenizer follows the checkpoint: the one `init_from` was trained with (a
+  pretrained directory's tokenizer file, or the `model_info` of a training
+  workdir's checkpoint) comes first, since its word embeddings index that
+  vocabulary. `config.tokenizer` may name the same file (or a copy); another one is
+  an error naming both. Without `init_from` (or when it names none): `config.tokenizer`,
+  else the one stored with the data (vlp_scenes, Karpathy builds). The real VQA /
+  RefCOCO builds store none. A vocab.txt named only by `config.tokenizer` is taken as
+  cased (UNITER's bert-base-cased); an uncased one comes through `init_from`."""
+  # Absolute, since checkpoints record it for later runs (vlp.jobs.base.model_info).
+  requested = os.path.abspath(config.tokenizer) if config.tokenizer else ""
   if init_from:
     from vlp import pretrained  # Only when needed: it pulls in orbax.
-    from_init = pretrained.tokenizer_of(init_from)
-    if from_init:
-      return from_init
+    found = pretrained.tokenizer_of(init_from)
+    if found:
+      path, lowercase = found
+      if not os.path.exists(path):
+        if requested:  # The checkpoint's file is on another machine: trust the copy.
+          return requested, lowercase
+        raise FileNotFoundError(
+            f"config.init_from={init_from!r} was trained with the tokenizer {path!r}, which "
+            "does not exist here; set config.tokenizer to a copy of it (or export the "
+            "checkpoint with python -m vlp.export, which copies it in)")
+      if requested and not same_file(requested, path):
+        raise ValueError(
+            f"config.tokenizer={config.tokenizer!r} is not the tokenizer {path!r} that "
+            f"config.init_from={init_from!r} was trained with (its word embeddings index "
+            "that vocabulary); leave config.tokenizer empty to use the checkpoint's")
+      return path, lowercase
+  if requested:
+    return requested, False
+  if config.data == "vlp_scenes":
+    return scenes.tokenizer_path(builder), False
+  stored = os.path.join(os.fspath(builder.data_dir), "spm.model")
+  if os.path.exists(stored):
+    return stored, False
   raise FileNotFoundError(
       f"config.data={config.data!r} ({builder.data_dir}) stores no tokenizer (spm.model)"
       + (f" and config.init_from={init_from!r} names none"
          if init_from else " and config.init_from is empty")
-      + "; set config.tokenizer to the sentencepiece model the backbone was pretrained "
-      "with (e.g. the spm.model of the coco_karpathy build)")
+      + "; set config.tokenizer to the tokenizer the backbone was pretrained "
+      "with (e.g. the spm.model of the coco_karpathy build, or a BERT vocab.txt)")
 
 
-def open_tokenizer(config: ml_collections.ConfigDict, builder, *, init_from: str) -> Tokenizer:
-  return Tokenizer(tokenizer_path(config, builder, init_from=init_from))
+def same_file(a: str, b: str) -> bool:
+  """Whether two tokenizer files are one file or hold the same bytes."""
+  if os.path.realpath(a) == os.path.realpath(b):
+    return True
+  if not (os.path.isfile(a) and os.path.isfile(b)):
+    return False
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    return fa.read() == fb.read()
 
 
-def model_config_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> UniterConfig:
+def open_tokenizer(config: ml_collections.ConfigDict, builder, *, init_from: str):
+  """The run's `Tokenizer` (sentencepiece) or `WordPieceTokenizer` (`resolve_tokenizer`)."""
+  path, lowercase = resolve_tokenizer(config, builder, init_from=init_from)
+  return tokenizer_lib.open_tokenizer(path, lowercase=lowercase)
+
+
+def model_config_for(config: ml_collections.ConfigDict, tokenizer) -> UniterConfig:
   """The model config: a named size, then `config.model` fields, then the data's
   vocabulary, feature and class sizes and the compute dtype."""
   fields = {k: v for k, v in config.model.items() if k != "size" and v is not None}

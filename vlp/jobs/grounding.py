@@ -34,17 +34,18 @@ from vlp.jobs.task_data import TaskData
 from vlp.matching import proposals
 from vlp.models.downstream import UniterForGrounding
 from vlp.tasks import common as task_common, make_loss_fn
-from vlp.train import metrics as metrics_lib
+from vlp.train import flops, metrics as metrics_lib
 
 
 def make_grounding_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
   data = TaskData(config, feed, "re")
   model_cfg = data_setup.model_config_for(config, data.tokenizer)
-  make_model = functools.partial(UniterForGrounding, model_cfg)
+  make_model = grounding_model(config, model_cfg)
   loss_fn = make_loss_fn("grounding")
   pf = config.proposal_filter
   if pf.keep > 0:
-    make_model = functools.partial(proposals.FilteredGrounding, model_cfg, keep=pf.keep,
+    make_model = functools.partial(proposals.FilteredGrounding, model_cfg,
+                                   mlp=config.grounding_mlp, keep=pf.keep,
                                    iou_threshold=pf.iou)
     loss_fn = with_proposal_loss(loss_fn, pf.weight)
   return Job(
@@ -53,7 +54,18 @@ def make_grounding_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
       evaluate=functools.partial(evaluate_grounding, data=data),
       init_params=base.init_params_fn(config, model_cfg),
       eval_file=f"eval_{config.eval_split}.json",
-      model_info=base.model_info(UniterForGrounding, model_cfg, data.tokenizer))
+      model_info=base.model_info(UniterForGrounding, model_cfg, data.tokenizer,
+                                 mlp=config.grounding_mlp),
+      flops_per_example={"grounding": flops.encoder_train_flops_per_example(model_cfg, config)})
+
+
+def grounding_model(config: ml_collections.ConfigDict, model_cfg):
+  """`make_model(rngs=...)`: the grounding model with `config.grounding_mlp` head layers
+  (1: one Linear, the reference's RefCOCO / RefCOCOg head; 2: its RefCOCO+ head)."""
+  if config.grounding_mlp not in (1, 2):
+    raise ValueError(f"config.grounding_mlp must be 1 or 2 (layers of the region-scoring "
+                     f"head), got {config.grounding_mlp!r}")
+  return functools.partial(UniterForGrounding, model_cfg, mlp=config.grounding_mlp)
 
 
 def region_scores(model, batch):

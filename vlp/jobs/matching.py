@@ -11,10 +11,12 @@ with all their captions); every image and caption is encoded once:
   * full ranking: the scorer on every (image, caption) pair, in blocks of
     `config.matching.eval_chunk` x `config.matching.eval_chunk`; R@1/5/10 both
     ways and RSUM (`vlp.evaluators.retrieval`), COCO 1K / 5K on 5000 images;
-  * decomposable mechanisms (scorer "similarity": both sides encoded apart up to
-    the score): "dual", exact top-k search over the global vectors (masked mean
-    of the states, L2-normalised), and "two_stage_k<k>", that search's top k
-    re-ranked by the mechanism's score, for each k of `config.two_stage_ks`.
+  * mechanisms that encode each side apart up to the similarity (scorer
+    "similarity"; `MatchingSpec.encodes_apart`): "dual", exact top-k search over
+    the global vectors (masked mean of the states, L2-normalised), and
+    "two_stage_k<k>", that search's top k re-ranked by the mechanism's score, for
+    each k of `config.two_stage_ks`. With a decomposable similarity
+    (`cosine_global`) the dual search is the full ranking itself.
 Each mode reports `seconds` (encoding included) and `pairs_scored` (pairs sent
 to the mechanism's scorer). Scoring runs on the first device of this process:
 the states of a gallery are small next to the encoders.
@@ -36,7 +38,7 @@ from vlp.evaluators import retrieval as retrieval_eval
 from vlp.jobs import base, data_setup, eval_batches, pair_scoring
 from vlp.jobs.base import EvalContext, Feed, Job
 from vlp.jobs.pair_data import PairData
-from vlp.matching import registry
+from vlp.matching import score_matrix as score_matrix_lib, similarities
 from vlp.matching.model import MatchingModel, MatchingSpec
 from vlp.matching.objective import make_matching_loss
 
@@ -108,7 +110,8 @@ def evaluate_matching(params, ctx: EvalContext, *, data: PairData, spec: Matchin
   gallery = data.gallery()
   n_img, n_txt = gallery["img_feat"].shape[0], gallery["input_ids"].shape[0]
   out: dict = {"step": ctx.step, "num_images": int(n_img), "num_captions": int(n_txt),
-               "decomposable": spec.decomposable}
+               "encodes_apart": spec.encodes_apart,
+               "decomposable": spec.encodes_apart and similarities.is_decomposable(spec.similarity)}
   rows = eval_batches.eval_rows(ctx)
   t0 = time.perf_counter()
   img, img_mask = encode_gallery(params, ctx, rows, gallery, "image")
@@ -118,15 +121,15 @@ def evaluate_matching(params, ctx: EvalContext, *, data: PairData, spec: Matchin
   score = model.scores  # Its parameters are the scorer's only.
   chunk = int(ctx.config.matching.eval_chunk)
   t1 = time.perf_counter()
-  matrix = registry.score_matrix(score, img, img_mask, txt, txt_mask,
-                                 chunk_images=chunk, chunk_texts=chunk)
+  matrix = score_matrix_lib.score_matrix(score, img, img_mask, txt, txt_mask,
+                                         chunk_images=chunk, chunk_texts=chunk)
   full = retrieval_eval.recall_at_k(matrix, gallery["txt2img"])
   out["full"] = dict(full, pairs_scored=int(matrix.size),
                      seconds=encode_seconds + time.perf_counter() - t1)
   out.update(full)
   if n_img == 5000:
     out["coco"] = retrieval_eval.coco_1k_5k(matrix, gallery["txt2img"])
-  if spec.decomposable:
+  if spec.encodes_apart:
     vec = lambda s, m: np.asarray(MatchingModel.global_vectors(jnp.asarray(s), jnp.asarray(m)))
     t2 = time.perf_counter()
     img_vecs, txt_vecs = vec(img, img_mask), vec(txt, txt_mask)

@@ -24,7 +24,7 @@ class PairData:
   `masked`: batches of the kinds 'mlm', 'mrm' and 'itm' as the pretraining
   config's objectives set them up (`config.mlm`, `config.mrm`, `config.itm`);
   False (the retrieval job) serves matched pairs only. `init_from`: the model
-  whose tokenizer to fall back on (the retrieval job's `config.init_from`).
+  (`config.init_from`) whose tokenizer the run uses (`data_setup.resolve_tokenizer`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, feed: Feed, *, masked: bool = True,

@@ -7,7 +7,6 @@ test gallery (`config.eval_gallery_images` images and their captions).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Any
@@ -15,15 +14,16 @@ from typing import Any
 import ml_collections
 
 from vlp.jobs import data_setup, eval_batches, pair_scoring
-from vlp.jobs.base import EvalContext, Feed, Job
+from vlp.jobs.base import EvalContext, Feed, Job, init_params_fn, model_info
 from vlp.jobs.pair_data import PairData
 from vlp.models.pretraining import UniterForPretraining
 from vlp.tasks import TASKS, make_loss_fn
+from vlp.train import flops
 from vlp.train.task_mix import loss_weights, task_kwargs, weighted
 
 
 def make_pretrain_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
-  data = PairData(config, feed)
+  data = PairData(config, feed, init_from=config.init_from)
   model_cfg = data_setup.model_config_for(config, data.tokenizer)
   names = [k for k, v in config.tasks.items() if float(v) > 0]
   unknown = sorted(set(names) - set(TASKS))
@@ -37,9 +37,12 @@ def make_pretrain_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
                 for n in names},
       batch_kinds={n: TASKS[n].batch_kind for n in names},
       evaluate=functools.partial(evaluate_pretraining, data=data),
-      model_info={"model_class": "UniterForPretraining",
-                  "model_config": dataclasses.asdict(model_cfg),
-                  "tokenizer": data.tokenizer.path})
+      # `config.init_from` (e.g. BERT imported by vlp.tools.import_uniter): the
+      # entries it has; the rest stay as initialised.
+      init_params=init_params_fn(config, model_cfg),
+      flops_per_example={n: flops.train_flops_per_example(model_cfg, n, **flops.batch_shapes(config))
+                         for n in names if n in flops.COUNTED_TASKS},
+      model_info=model_info(UniterForPretraining, model_cfg, data.tokenizer))
 
 
 def evaluate_pretraining(params: Any, ctx: EvalContext, *, data) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import os
 import ml_collections
 import tensorflow_datasets as tfds
 
-from vlp.data import downstream, shards as shards_lib
+from vlp.data import downstream, shards as shards_lib, vqa_targets
 from vlp.data.batching import BatchSpec
 from vlp.jobs import data_setup
 from vlp.jobs.base import Feed
@@ -39,9 +39,19 @@ class TaskData:
     self.tokenizer = data_setup.open_tokenizer(config, self.builder,
                                                 init_from=config.init_from)
     self.layout = downstream.layout(self.builder, task)
-    self.answers = downstream.answer_vocab(self.builder) if task == "vqa" else None
+    self.answers = self._answers() if task == "vqa" else None
     self.spec = BatchSpec.from_config(config, config.batch_size // self.num_shards)
     self._eval: dict = {}
+
+  def _answers(self) -> list[str]:
+    """`config.answer_vocab` (e.g. UNITER's ans2label.json) or the data's own list."""
+    path = self.config.answer_vocab  # A VQA key: only that job asks.
+    if not path:
+      return downstream.answer_vocab(self.builder)
+    try:
+      return vqa_targets.read_answer_vocab(path)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"config.answer_vocab={path!r}: {e}") from e
 
   def train_iterator(self, kind_for_index=None, start_index: int = 0):
     del kind_for_index  # One batch kind per fine-tuning job.

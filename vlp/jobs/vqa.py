@@ -31,6 +31,7 @@ from vlp.jobs.base import EvalContext, Feed, Job
 from vlp.jobs.task_data import TaskData
 from vlp.models.downstream import UniterForVqa
 from vlp.tasks import make_loss_fn
+from vlp.train import flops
 
 
 def make_vqa_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
@@ -45,7 +46,8 @@ def make_vqa_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
       eval_file=f"eval_{config.eval_split}.json",
       model_info=base.model_info(UniterForVqa, model_cfg, data.tokenizer,
                                    num_answers=len(data.answers)),
-      lr_multipliers={"vqa_output": config.head_lr_mult} if config.head_lr_mult != 1 else {})
+      lr_multipliers={"vqa_output": config.head_lr_mult} if config.head_lr_mult != 1 else {},
+      flops_per_example={"vqa": flops.encoder_train_flops_per_example(model_cfg, config)})
 
 
 def predict(model, batch):

@@ -16,7 +16,7 @@
   features are fixed here.
 
 Both score pairs as `[Bi, Bt]` from token states with the similarity signature
-(`vlp.matching.registry`), so the same chunked evaluation serves them; neither
+(`vlp.matching.similarities`), so the same chunked evaluation serves them; neither
 is decomposable (a pair's score needs both sides together).
 """
 
@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp.matching.pooling import MASKED, l2_normalize, masked_mean
+from vlp.matching.masked import NEG, l2_normalize, masked_mean, zero_padding
+from vlp.matching.similarity_alignment import global_embedding
 from vlp.models.layers import Dense, attention_bias
 from vlp.models.uniter import BertLayer
 from vlp.models.uniter_config import UniterConfig
@@ -36,7 +37,7 @@ def cross_attend(x: jax.Array, y: jax.Array, y_mask: jax.Array) -> jax.Array:
   """x + softmax(x y^T / sqrt(d)) y over y's real tokens: [P, N, D], [P, M, D], [P, M]."""
   logits = jnp.einsum('pnd,pmd->pnm', x.astype(jnp.float32), y.astype(jnp.float32))
   logits = logits / jnp.sqrt(x.shape[-1])
-  attn = jax.nn.softmax(jnp.where(y_mask.astype(bool)[:, None, :], logits, MASKED), -1)
+  attn = jax.nn.softmax(jnp.where(y_mask.astype(bool)[:, None, :], logits, NEG), -1)
   return x.astype(jnp.float32) + jnp.einsum('pnm,pmd->pnd', attn, y.astype(jnp.float32))
 
 
@@ -70,7 +71,7 @@ class AlternatingCrossAttention(nnx.Module):
     bi, bt = regions.shape[0], tokens.shape[0]
     x, xm, y, ym = all_pairs(regions, region_mask, tokens, token_mask)
     x, y = self.fuse(x, xm, y, ym, rngs=rngs)
-    score = jnp.sum(l2_normalize(masked_mean(x, xm)) * l2_normalize(masked_mean(y, ym)), -1)
+    score = jnp.sum(global_embedding(x, xm) * global_embedding(y, ym), -1)
     return score.reshape(bi, bt)
 
 
@@ -86,23 +87,24 @@ class TextConditionedRegionFilter(nnx.Module):
 
   def relevance(self, regions, region_mask, tokens, token_mask) -> jax.Array:
     """[Bi, Bt, R] float32 relevance of each region to each text (padding -1e9)."""
-    q = self.query(masked_mean(tokens, token_mask), out_dtype=jnp.float32)  # [Bt, H]
+    mean = masked_mean(zero_padding(tokens, token_mask), token_mask[..., None], axis=1)
+    q = self.query(mean, out_dtype=jnp.float32)  # [Bt, H]
     rel = jnp.einsum('td,ird->itr', q, regions.astype(jnp.float32)) / jnp.sqrt(q.shape[-1])
-    return jnp.where(region_mask.astype(bool)[:, None, :], rel, MASKED)
+    return jnp.where(region_mask.astype(bool)[:, None, :], rel, NEG)
 
   def keep_mask(self, relevance: jax.Array) -> jax.Array:
     """[Bi, Bt, R] bool: the top k of each pair (ties: the lower region index)."""
     k = min(self.k, relevance.shape[-1])
     _, idx = jax.lax.top_k(relevance, k)
     keep = jnp.any(jax.nn.one_hot(idx, relevance.shape[-1], dtype=bool), axis=-2)
-    return keep & (relevance > MASKED / 2)
+    return keep & (relevance > NEG / 2)
 
   def __call__(self, regions, region_mask, tokens, token_mask, *,
                rngs: nnx.Rngs | None = None) -> jax.Array:
     del rngs
     rel = self.relevance(regions, region_mask, tokens, token_mask)
     keep = self.keep_mask(rel)
-    weights = jax.nn.softmax(jnp.where(keep, rel, MASKED), axis=-1)
+    weights = jax.nn.softmax(jnp.where(keep, rel, NEG), axis=-1)
     pooled = jnp.einsum('itr,ird->itd', weights, regions.astype(jnp.float32))
-    text = l2_normalize(masked_mean(tokens, token_mask))
+    text = global_embedding(tokens, token_mask)
     return jnp.sum(l2_normalize(pooled) * text[None], -1)

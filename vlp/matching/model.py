@@ -14,9 +14,10 @@ scores every (image, caption) pair of two batches as a `[Bi, Bt]` matrix:
   (one graph module per modality, `vlp.matching.graph`) and COOKIE's
   `shared_layers`: transformer layers whose *one* set of weights processes both
   streams (the same modules are called on regions and on words).
-* scorer (`spec.scorer`): "similarity" (the registry's `spec.similarity` with
-  `spec.similarity_args`), "comma" (`AlternatingCrossAttention`,
-  `scorer_layers`) or "slan" (`TextConditionedRegionFilter`, `filter_k`).
+* scorer (`spec.scorer`): "similarity" (`vlp.matching.similarities`'
+  `spec.similarity` with `spec.similarity_args`), "comma"
+  (`AlternatingCrossAttention`, `scorer_layers`) or "slan"
+  (`TextConditionedRegionFilter`, `filter_k`).
 
 `global_vectors` (masked mean, L2-normalised) is the dual-encoder embedding the
 two-stage evaluation searches with.
@@ -31,11 +32,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp.matching import registry
+from vlp.matching import similarities
 from vlp.matching.blocks import AlternatingCrossAttention, TextConditionedRegionFilter
 from vlp.matching.encoders import BiGruTextEncoder, RegionEncoder, TextTransformer, run_layers
 from vlp.matching.graph import GraphReasoning
-from vlp.matching.pooling import l2_normalize, masked_mean
+from vlp.matching.similarity_alignment import global_embedding
 from vlp.models.layers import make_param
 from vlp.models.uniter import BertLayer, Uniter
 from vlp.models.uniter_config import UniterConfig
@@ -68,8 +69,10 @@ class MatchingSpec:
                          f"{allowed}")
 
   @property
-  def decomposable(self) -> bool:
-    """True when every image and caption is encoded without the other side."""
+  def encodes_apart(self) -> bool:
+    """True when every image and caption is encoded without the other side up to
+    the similarity (so gallery states can be cached and searched in two stages);
+    the similarity itself may still score pairs jointly (SCAN, max-sum)."""
     return self.scorer == "similarity"
 
   @classmethod
@@ -112,9 +115,9 @@ class MatchingModel(nnx.Module):
     elif spec.scorer == "slan":
       self.scorer = TextConditionedRegionFilter(cfg, spec.filter_k, rngs=rngs)
     else:
-      self.similarity = registry.get_similarity(
-          spec.similarity, **parse_args(spec.similarity_args, "matching.similarity_args"))
-      params = registry.init_params(spec.similarity, cfg.hidden_size, rngs.params())
+      hyper = parse_args(spec.similarity_args, "matching.similarity_args")
+      self.similarity = similarities.get_similarity(spec.similarity, **hyper)
+      params = similarities.init_params(spec.similarity, cfg.hidden_size, rngs.params(), **hyper)
       # Parameterised similarities: each leaf a replicated Param, the tree kept aside.
       leaves, self.similarity_tree = jax.tree.flatten(params)
       self.similarity_params = nnx.List([
@@ -161,4 +164,4 @@ class MatchingModel(nnx.Module):
   @staticmethod
   def global_vectors(states: jax.Array, mask: jax.Array) -> jax.Array:
     """[B, N, H] -> [B, H] unit vectors: the dual-encoder embedding."""
-    return l2_normalize(masked_mean(states, mask))
+    return global_embedding(states, mask)

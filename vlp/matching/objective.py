@@ -1,11 +1,11 @@
-"""The matching objective: a registry loss on the in-batch score matrix.
+"""The matching objective: a `vlp.matching.losses` loss on the in-batch score matrix.
 
 A training batch holds B matched (image, caption) rows. Every image of the
 batch is scored against every caption (`MatchingModel.scores`, [B, B]); pair
 (i, t) is a positive when rows i and t show the same image (`image_id`; the
 diagonal without it). Padded rows (`example_mask` False) are neither positives
-nor negatives: their scores are set to -1e4, below any margin. The loss is the
-registry's `loss` with `loss_args`; `shapley_weight` > 0 adds LOUPE's
+nor negatives (the loss's image and text masks). The loss is
+`vlp.matching.losses`' `loss` with `loss_args`; `shapley_weight` > 0 adds LOUPE's
 (approximate) Shapley alignment regulariser on the matched rows.
 """
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp.matching import registry, shapley
+from vlp.matching import losses, shapley
 from vlp.matching.model import parse_args
 
 _PAD_SCORE = -1e4
@@ -34,7 +34,7 @@ def positives_of(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
 
 def make_matching_loss(*, loss: str, loss_args: str = "", shapley_weight: float = 0.0,
                        shapley_permutations: int = 4):
-  base = registry.get_loss(loss, **parse_args(loss_args, "matching.loss_args"))
+  base = losses.get_loss(loss, **parse_args(loss_args, "matching.loss_args"))
 
   def matching_loss(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None):
     rngs = None if rng is None else nnx.Rngs(dropout=rng)
@@ -42,8 +42,8 @@ def make_matching_loss(*, loss: str, loss_args: str = "", shapley_weight: float 
     tokens, token_mask = model.encode_text(batch, rngs=rngs)
     scores = model.scores(regions, region_mask, tokens, token_mask, rngs=rngs)
     positives, real = positives_of(batch)
-    scores = jnp.where(real[:, None] & real[None, :], scores, _PAD_SCORE)
-    value = base(scores, positives)
+    value = base(scores, positives, image_mask=real, text_mask=real)
+    scores = jnp.where(real[:, None] & real[None, :], scores, _PAD_SCORE)  # for the R@1
     # In-batch R@1 both ways (a row's top column is one of its positives).
     hit_i2t = jnp.take_along_axis(positives, jnp.argmax(scores, 1)[:, None], 1)[:, 0]
     hit_t2i = jnp.take_along_axis(positives, jnp.argmax(scores, 0)[None, :], 0)[0]

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlp.matching.pooling import MASKED, l2_normalize, masked_mean
+from vlp.matching.masked import NEG, l2_normalize, masked_mean, zero_padding
 
 
 def exact_shapley(value: Callable[[frozenset], float], n: int) -> np.ndarray:
@@ -96,10 +96,10 @@ def shapley_alignment_loss(regions, region_mask, tokens, token_mask, key, *,
                            num_permutations: int = 4, temperature: float = 0.1,
                            example_mask=None) -> jax.Array:
   """Mean over matched rows of KL(softmax(phi/tau) || softmax(cos(region, caption)/tau))."""
-  text = masked_mean(tokens, token_mask)
+  text = masked_mean(zero_padding(tokens, token_mask), token_mask[..., None], axis=1)
   mask = region_mask.astype(bool)
   phi = jax.lax.stop_gradient(region_shapley(regions, mask, text, key, num_permutations))
-  neg = MASKED
+  neg = NEG
   target = jax.nn.softmax(jnp.where(mask, phi / temperature, neg), -1)
   logits = jnp.where(mask, _cos(regions.astype(jnp.float32), text[:, None]) / temperature, neg)
   log_pred = jax.nn.log_softmax(logits, -1)

@@ -29,10 +29,11 @@ checkpoints: model config, export), `init` (fine-tuning initialisation, sharded)
 """
 
 from vlp.models.downstream import UniterEncoder
+from vlp.data.tokenizer import open_tokenizer, tokenizer_type
 from vlp.pretrained.directory import (CHECKPOINT_DIR, CONFIG_FILE, FORMAT, FORMAT_VERSION,
                                       SAFETENSORS_FILE, TOKENIZER_FILES, config_from_dict,
-                                      is_pretrained_dir, load_pretrained, open_tokenizer,
-                                      read_config, save_pretrained, tokenizer_type)
+                                      is_pretrained_dir, load_pretrained, read_config,
+                                      save_pretrained)
 from vlp.pretrained.heads import HEAD_ORDER, head_options, heads_of, model_factory
 from vlp.pretrained.init import (BACKBONE_FIELDS, init_params_from, load_params_for_init,
                                  merge_params, tokenizer_of)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from vlp import checkpoint as ckpt_lib
+from vlp.data.tokenizer import open_tokenizer, tokenizer_type
 from vlp.models.uniter_config import UniterConfig
 from vlp.pretrained.heads import head_options, heads_of, model_factory
 from vlp.pretrained.trees import abstract_params, check_shapes, torch_state_dict
@@ -33,20 +34,6 @@ TOKENIZER_FILES = {'sentencepiece': 'spm.model', 'wordpiece': 'vocab.txt'}
 def is_pretrained_dir(path: str) -> bool:
   """Whether `path` holds a pretrained directory's config.json."""
   return os.path.exists(os.path.join(path, CONFIG_FILE))
-
-
-def tokenizer_type(path: str) -> str:
-  """'wordpiece' for a BERT ``*.txt`` vocabulary, else 'sentencepiece'."""
-  return 'wordpiece' if os.fspath(path).endswith('.txt') else 'sentencepiece'
-
-
-def open_tokenizer(path: str, *, lowercase: bool = False):
-  """`Tokenizer` (sentencepiece) or `WordPieceTokenizer` (``*.txt``) for a file."""
-  if tokenizer_type(path) == 'wordpiece':
-    from vlp.data.wordpiece import WordPieceTokenizer
-    return WordPieceTokenizer(path, lowercase=lowercase)
-  from vlp.data.tokenizer import Tokenizer
-  return Tokenizer(path)
 
 
 def save_pretrained(out_dir: str, params: Mapping, cfg: UniterConfig, *,

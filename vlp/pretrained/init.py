@@ -173,18 +173,21 @@ def init_params_from(params: Mapping, init_from: str, model_cfg: UniterConfig, *
   return {**dict(params), **{k: loaded[k] for k in report['loaded']}}, report
 
 
-def tokenizer_of(init_from: str) -> str | None:
-  """The sentencepiece model `init_from` was trained with, if it names one that exists."""
+def tokenizer_of(init_from: str) -> tuple[str, bool] | None:
+  """(file, lowercase) of the tokenizer `init_from` was trained with, or None when it
+  names none. The file may be missing (a training workdir records a path on the
+  machine that trained it); the caller says what to do then. `lowercase` is
+  whether a WordPiece vocabulary is uncased."""
   if is_pretrained_dir(init_from):
     tok = read_config(init_from).get('tokenizer') or {}
-    if tok.get('type', 'sentencepiece') != 'sentencepiece' or not tok.get('file'):
+    if not tok.get('file'):
       return None
-    return os.path.join(init_from, tok['file'])
+    return (os.path.abspath(os.path.join(init_from, tok['file'])),
+            bool(tok.get('lowercase', False)))
   directory = workdir_checkpoints(init_from)
   if directory is None:
     return None
   _, meta, _ = ckpt_lib.stored_params(directory)
-  path = ((meta.get('model_info') or {}).get('tokenizer')
-          or (meta.get('config') or {}).get('tokenizer'))
-  return path if path and os.path.exists(path) else None
-
+  info = meta.get('model_info') or {}
+  path = info.get('tokenizer') or (meta.get('config') or {}).get('tokenizer')
+  return (path, bool(info.get('tokenizer_lowercase', False))) if path else None

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 from absl import app, flags
 
 from vlp import entry
+from vlp.parallel import runtime
 
 _CONFIG = entry.config_flag()
 _TOPOLOGY = flags.DEFINE_string(
@@ -117,6 +118,13 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
   # (/tmp/libtpu_lockfile) would only stop two checks (or a check and a training
   # run on a TPU VM) from running side by side.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if not runtime.on_cloud_tpu():
+    # Off a TPU VM libtpu's start-up probe looks for the VM's metadata and prints an
+    # error and two warnings; these placeholders only answer that probe (the compile
+    # target is the topology described below, whatever the accelerator type says).
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("TPU_ACCELERATOR_TYPE", "v5litepod-4")):
+      os.environ.setdefault(key, value)
   kwargs = dict(num_slices=num_slices) if num_slices > 1 else {}
   try:
     desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)

@@ -1,8 +1,11 @@
-r"""Import a released PyTorch UNITER checkpoint as a vlp pretrained directory.
+r"""Import a released PyTorch UNITER or BERT checkpoint as a vlp pretrained directory.
 
   python -m vlp.tools.import_uniter --checkpoint=uniter-base.pt \
       --model_config=uniter-base.json --vocab=bert-base-cased-vocab.txt --out=DIR
   python -m vlp.tools.import_uniter --checkpoint=model.safetensors ... --out=DIR
+  # BERT as HuggingFace publishes it (config.json, model.safetensors or
+  # pytorch_model.bin, vocab.txt): the start of UNITER pretraining.
+  python -m vlp.tools.import_uniter --checkpoint=bert-base-cased/ --out=DIR
 
 Reads the state dict of the reference `UniterForPretraining`, `UniterModel` (keys
 with or without the ``uniter.`` prefix, or a ``module.`` wrapper prefix) or one of
@@ -17,8 +20,19 @@ does not implement (NLVR2, VCR) and position-id buffers are ignored and listed;
 with ``--backbone_only`` every head is. Any other unknown key, a missing key or a
 shape that does not fit the config is an error that lists all of them.
 
+BERT (``bert.*`` keys, or UNITER's converted ``uniter-base-init.pt`` /
+``uniter-large-init.pt``: BERT under ``uniter.*``; recognised by having no image
+embeddings): embeddings, encoder and pooler go into the backbone, the MLM head
+``cls.predictions.*`` (if present) into ``cls``; the next-sentence head is ignored.
+What BERT lacks (the image embeddings and, with an MLM head, the MRFR, MRC and
+ITM heads) is initialised as the reference's ``init_weights`` does (Linear and
+Embedding weights N(0, initializer_range), biases 0, LayerNorm 1 and 0; ``--seed``)
+and listed in config.json's ``source.initialised``. Text is token type 0, regions
+type 1 (BERT's two token types), as in the reference.
+
 The output is exactly what `python -m vlp.export` writes (see `vlp.pretrained`);
-load it with `vlp.load_pretrained(DIR)`.
+load it with `vlp.load_pretrained(DIR)`, or start pretraining or fine-tuning from it
+with ``--config.init_from=DIR`` (the tokenizer follows it).
 """
 
 from __future__ import annotations
@@ -36,7 +50,16 @@ import numpy as np
 # Reference fine-tuning heads with no vlp counterpart (nlvr2.py, vcr.py).
 UNSUPPORTED_HEADS = ('nlvr2_output', 'attn1', 'attn2', 'attn_pool', 'fc', 'vcr_output')
 # Buffers (not parameters) some exports carry.
-BUFFERS = re.compile(r'^uniter\.embeddings\.position_ids$')
+BUFFERS = re.compile(r'^uniter\.embeddings\.(position_ids|token_type_ids)$')
+# BERT's next-sentence head: UNITER has none.
+BERT_NSP = 'cls.seq_relationship.'
+# What a BERT checkpoint lacks: UNITER's image embeddings and its other
+# pre-training heads (initialised as the reference does; `reference_init`); the
+# pooler too, when a BERT export has none (masked-LM-only models).
+BERT_LACKS = ('uniter.img_embeddings.', 'uniter.pooler.', 'feat_regress.', 'region_classifier.',
+              'itm_output.')
+# HuggingFace folder files, in order of preference.
+HF_WEIGHTS = ('model.safetensors', 'pytorch_model.bin')
 _BACKBONE_MODULES = ('embeddings', 'img_embeddings', 'encoder', 'pooler')
 _DECODER_BIAS = 'cls.predictions.decoder.bias'
 
@@ -69,6 +92,7 @@ class ImportSummary:
   tied_checked: list[str]
   source_dtypes: dict[str, int]     # dtype name -> number of tensors
   prefix: str
+  initialised: list[str] = dataclasses.field(default_factory=list)  # BERT lacks them
 
   def lines(self) -> list[str]:
     out = [f"heads: {', '.join(self.heads) or '(none: backbone only)'}",
@@ -76,6 +100,10 @@ class ImportSummary:
            f"key prefix handling: {self.prefix}"]
     if self.tied_checked:
       out.append(f"tied duplicates checked and dropped: {', '.join(self.tied_checked)}")
+    if self.initialised:
+      modules = sorted({k.rsplit('.', 1)[0] for k in self.initialised})
+      out.append(f'initialised as the reference does (not in the checkpoint): '
+                 f"{', '.join(modules)}")
     if self.ignored:
       out.append(f'ignored ({len(self.ignored)}):')
       out += [f'  {k}  [{why}]' for k, why in sorted(self.ignored.items())]
@@ -144,12 +172,17 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def _normalise_keys(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
-  """Strips ``module.``, adds ``uniter.`` to bare backbone keys, gamma/beta -> weight/bias."""
+  """Strips ``module.``, renames BERT's ``bert.`` to ``uniter.``, adds ``uniter.`` to
+  bare backbone keys, gamma/beta -> weight/bias."""
   notes = []
   keys = list(sd)
   if keys and all(k.startswith('module.') for k in keys):
     sd = {k[len('module.'):]: v for k, v in sd.items()}
     notes.append("stripped 'module.'")
+  if any(k.startswith('bert.') for k in sd):
+    sd = {('uniter.' + k[len('bert.'):] if k.startswith('bert.') else k): v
+          for k, v in sd.items()}
+    notes.append("renamed 'bert.' to 'uniter.' (BERT checkpoint)")
   if not any(k.startswith('uniter.') for k in sd):
     sd = {(f'uniter.{k}' if k.split('.')[0] in _BACKBONE_MODULES else k): v
           for k, v in sd.items()}
@@ -173,13 +206,35 @@ def _head_keys(num_layers: int) -> dict[str, list]:
           for h in PRETRAINING_HEADS + FINETUNING_HEADS}
 
 
-def convert_state_dict(sd: Mapping[str, np.ndarray], cfg, *,
-                       backbone_only: bool = False) -> tuple[dict, ImportSummary]:
+def reference_init(rows, abstract: Mapping, keys, initializer_range: float,
+                   seed: int) -> dict[str, np.ndarray]:
+  """Torch-layout tensors for `keys` as the reference's ``init_weights`` makes them:
+  Linear / Embedding weights N(0, initializer_range), biases 0, LayerNorm weight 1
+  and bias 0 (`rows`: `torch_name_table` rows; `abstract`: the flat parameter shapes)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key, path, how in rows:
+    if key not in keys:
+      continue
+    shape = abstract[path].shape
+    shape = tuple(reversed(shape)) if how == 'transpose' else tuple(shape)
+    if path[-1] in ('kernel', 'embedding'):
+      out[key] = (rng.standard_normal(shape) * initializer_range).astype(np.float32)
+    else:  # bias (Linear, LayerNorm, or a head's own bias) 0, LayerNorm scale 1.
+      out[key] = np.full(shape, float(path[-1] == 'scale'), np.float32)
+  return out
+
+
+def convert_state_dict(sd: Mapping[str, np.ndarray], cfg, *, backbone_only: bool = False,
+                       seed: int = 0) -> tuple[dict, ImportSummary]:
   """Reference state dict -> (vlp pure parameter dict, summary).
 
   The heads present decide the model class (see `vlp.pretrained`); a head is all
   or nothing, and one pre-training-only head (cls, feat_regress,
   region_classifier) means all four pre-training heads are expected.
+
+  A BERT state dict (no image embeddings) gets what it lacks from
+  `reference_init` (`seed`); the summary lists those keys as ``initialised``.
 
   Raises:
     CheckpointMismatchError: listing unknown, missing and mis-shaped keys (with
@@ -191,6 +246,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg, *,
   for v in sd.values():
     dtypes[str(v.dtype)] = dtypes.get(str(v.dtype), 0) + 1
   sd, prefix = _normalise_keys(sd)
+  bert = ('uniter.embeddings.word_embeddings.weight' in sd
+          and not any(k.startswith('uniter.img_embeddings.') for k in sd))
   head_rows = _head_keys(cfg.num_layers)
   heads = [h for h, rows in head_rows.items() if any(r[0] in sd for r in rows)]
   ignored: dict[str, str] = {}
@@ -200,6 +257,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg, *,
       ignored[k] = 'buffer, not a parameter'
     elif top in UNSUPPORTED_HEADS:
       ignored[k] = 'reference head vlp does not implement'
+    elif bert and k.startswith(BERT_NSP):
+      ignored[k] = "BERT's next-sentence head (UNITER has none)"
     elif backbone_only and top != 'uniter':
       ignored[k] = 'head (--backbone_only)'
   if backbone_only:
@@ -215,6 +274,11 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg, *,
     options['dual_dim'] = int(sd['dual_output.proj.weight'].shape[0])
   abstract = pretrained.flatten(pretrained.abstract_params(
       pretrained.model_factory(cfg, heads, options)))
+  initialised = []
+  if bert:
+    initialised = sorted(r[0] for r in rows if r[0] not in sd and r[0].startswith(BERT_LACKS))
+    sd = {**sd, **reference_init(rows, abstract, set(initialised), cfg.initializer_range,
+                                 seed)}
   tied = {k: v for k, v in TIED_TORCH_KEYS.items() if k.split('.')[0] in heads}
   if 'cls' in heads:
     tied[_DECODER_BIAS] = (('cls', 'bias'), 'identity')
@@ -251,16 +315,40 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg, *,
     raise CheckpointMismatchError('\n'.join(lines))
   summary = ImportSummary(heads=tuple(heads), ignored=ignored,
                           tied_checked=sorted(k for k in tied if k in sd),
-                          source_dtypes=dtypes, prefix=prefix)
+                          source_dtypes=dtypes, prefix=prefix, initialised=initialised)
   return pretrained.unflatten(params), summary
 
 
-def import_checkpoint(checkpoint: str, model_config_path: str, out_dir: str, *,
+def hf_folder(path: str) -> dict[str, Any]:
+  """The files of a HuggingFace model folder (e.g. ``bert-base-cased``): ``weights``
+  (`HF_WEIGHTS`, the first present), ``model_config`` (config.json), ``vocab``
+  (vocab.txt, or None) and ``lowercase`` (tokenizer_config.json's do_lower_case,
+  or None when the folder does not say)."""
+  weights = [os.path.join(path, n) for n in HF_WEIGHTS if os.path.exists(os.path.join(path, n))]
+  model_config = os.path.join(path, 'config.json')
+  if not weights or not os.path.exists(model_config):
+    raise FileNotFoundError(f'{path} is not a HuggingFace model folder: expected config.json '
+                            f"and one of {', '.join(HF_WEIGHTS)}")
+  vocab = os.path.join(path, 'vocab.txt')
+  lowercase = None
+  tok_config = os.path.join(path, 'tokenizer_config.json')
+  if os.path.exists(tok_config):
+    with open(tok_config) as f:
+      lowercase = json.load(f).get('do_lower_case')
+  return dict(weights=weights[0], model_config=model_config,
+              vocab=vocab if os.path.exists(vocab) else None, lowercase=lowercase)
+
+
+def import_checkpoint(checkpoint: str, model_config_path: str | None, out_dir: str, *,
                       vocab: str | None = None, tokenizer: str | None = None,
-                      lowercase: bool = False, img_dim: int = 2048,
-                      num_region_classes: int = 1601,
-                      backbone_only: bool = False) -> tuple[dict, ImportSummary, list[str]]:
+                      lowercase: bool | None = None, img_dim: int = 2048,
+                      num_region_classes: int = 1601, backbone_only: bool = False,
+                      seed: int = 0) -> tuple[dict, ImportSummary, list[str]]:
   """Converts `checkpoint` with its json model config and writes `out_dir`.
+
+  `checkpoint` may be a HuggingFace folder (`hf_folder`): its config.json,
+  vocab.txt and case are the defaults of `model_config_path`, `vocab` and
+  `lowercase` (otherwise False). `seed` draws what a BERT checkpoint lacks.
 
   Returns:
     (config.json contents, the conversion summary, ignored json config fields).
@@ -268,16 +356,28 @@ def import_checkpoint(checkpoint: str, model_config_path: str, out_dir: str, *,
   from vlp import pretrained
   if vocab and tokenizer:
     raise ValueError('pass --vocab (WordPiece) or --tokenizer (sentencepiece), not both')
+  weights = checkpoint
+  if os.path.isdir(checkpoint):
+    folder = hf_folder(checkpoint)
+    weights = folder['weights']
+    model_config_path = model_config_path or folder['model_config']
+    if not tokenizer:
+      vocab = vocab or folder['vocab']
+    lowercase = folder['lowercase'] if lowercase is None else lowercase
+  if not model_config_path:
+    raise ValueError(f'{checkpoint} is a file: pass its json model config (--model_config)')
   with open(model_config_path) as f:
     cfg, ignored_fields = uniter_config(json.load(f), img_dim=img_dim,
                                         num_region_classes=num_region_classes)
-  params, summary = convert_state_dict(read_state_dict(checkpoint), cfg,
-                                       backbone_only=backbone_only)
-  config = pretrained.save_pretrained(
-      out_dir, params, cfg, tokenizer=vocab or tokenizer, lowercase=lowercase,
-      source=dict(kind='import', checkpoint=os.path.abspath(checkpoint),
-                  model_config=os.path.abspath(model_config_path),
-                  ignored=sorted(summary.ignored)))
+  params, summary = convert_state_dict(read_state_dict(weights), cfg,
+                                       backbone_only=backbone_only, seed=seed)
+  source = dict(kind='import', checkpoint=os.path.abspath(weights),
+                model_config=os.path.abspath(model_config_path),
+                ignored=sorted(summary.ignored))
+  if summary.initialised:
+    source.update(initialised=summary.initialised, seed=seed)
+  config = pretrained.save_pretrained(out_dir, params, cfg, tokenizer=vocab or tokenizer,
+                                      lowercase=bool(lowercase), source=source)
   return config, summary, ignored_fields
 
 
@@ -291,8 +391,9 @@ def main(config):
     config, summary, ignored_fields = import_checkpoint(
         f.checkpoint, f.model_config, f.out, vocab=f.vocab, tokenizer=f.tokenizer,
         lowercase=f.lowercase, img_dim=f.img_dim, num_region_classes=f.num_region_classes,
-        backbone_only=f.backbone_only)
-  except (CheckpointMismatchError, CheckpointReadError, ImportError) as e:
+        backbone_only=f.backbone_only, seed=f.seed)
+  except (CheckpointMismatchError, CheckpointReadError, ImportError, FileNotFoundError,
+          ValueError) as e:
     sys.exit(f'error: {e}')
   print(f'imported {f.checkpoint} -> {os.path.abspath(f.out)}')
   for line in summary.lines():
@@ -306,11 +407,16 @@ def main(config):
 
 def _define_flags():
   from absl import flags
-  flags.DEFINE_string('checkpoint', None, 'Reference state dict (.pt, .bin or .safetensors).')
-  flags.DEFINE_string('model_config', None, 'UNITER / BERT json model config.')
+  flags.DEFINE_string('checkpoint', None, 'Reference state dict (.pt, .bin or .safetensors), '
+                      'or a HuggingFace BERT folder.')
+  flags.DEFINE_string('model_config', None, 'UNITER / BERT json model config (default for a '
+                      "folder: its config.json).")
   flags.DEFINE_string('out', None, 'Pretrained directory to write.')
-  flags.DEFINE_string('vocab', None, 'BERT WordPiece vocab.txt (bert-base-cased for UNITER).')
-  flags.DEFINE_bool('lowercase', False, 'The WordPiece vocabulary is uncased.')
+  flags.DEFINE_string('vocab', None, 'BERT WordPiece vocab.txt (bert-base-cased for UNITER; '
+                      "default for a folder: its vocab.txt).")
+  flags.DEFINE_bool('lowercase', None, 'The WordPiece vocabulary is uncased (default: a '
+                    "folder's tokenizer_config.json, else False).")
+  flags.DEFINE_integer('seed', 0, 'Seed of the parts a BERT checkpoint lacks.')
   flags.DEFINE_string('tokenizer', None, 'A sentencepiece model instead of --vocab.')
   flags.DEFINE_integer('img_dim', 2048, 'Region feature size.')
   flags.DEFINE_integer('num_region_classes', 1601, 'Detector classes of the MRC head.')
@@ -320,4 +426,4 @@ def _define_flags():
 if __name__ == '__main__':
   from vlp import entry  # Here, not at the top: importing the module stays light.
   _define_flags()
-  entry.run(main, required=['checkpoint', 'model_config', 'out'])
+  entry.run(main, required=['checkpoint', 'out'])

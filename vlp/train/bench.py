@@ -25,6 +25,8 @@ from vlp.train import flops as flops_lib, optim, step as step_lib
 from vlp.train.state import create_train_state
 from vlp.train.task_mix import task_kwargs
 
+batch_shapes = flops_lib.batch_shapes  # The shapes the benchmark's batches have.
+
 
 def synthetic_batch(kind: str, *, batch: int, text_len: int, regions: int, cfg,
                     mlm_predictions: int, mrm_predictions: int, seed: int = 0) -> dict:
@@ -55,15 +57,8 @@ def synthetic_batch(kind: str, *, batch: int, text_len: int, regions: int, cfg,
     b["img_feat"] = np.where(b["img_masked"][..., None], 0, b["img_feat"]).astype(np.float16)
   elif kind == "itm":
     b["itm_target"] = rng.integers(0, 2, batch, dtype=np.int32)
+    b["image_id"] = np.arange(batch, dtype=np.int32)  # itm.negatives="hardest" reads it
   return b
-
-
-def batch_shapes(config) -> dict:
-  """The static shapes of `config`'s batches: `synthetic_batch`'s and the FLOP
-  count's keyword arguments."""
-  return dict(text_len=config.max_text_len, regions=config.max_regions,
-              mlm_predictions=config.mlm.max_predictions,
-              mrm_predictions=config.mrm.max_predictions)
 
 
 def tasks_to_time(config, tasks: list[str] | None) -> list[str]:

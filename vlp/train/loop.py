@@ -4,7 +4,7 @@ Order of business (each step is a small function below):
   mesh and rules -> data and tokenizer -> model config -> optimizer ->
   restore-or-init (sharded) -> per-task jitted steps (compiled lazily) ->
   loop: task from (seed, step), host batch -> global batch -> step ->
-  log / checkpoint / evaluate -> final checkpoint and evaluation.
+  log (interval means) / pre-emption / evaluate / checkpoint -> final checkpoint.
 A restart with the same workdir resumes from the latest checkpoint: step,
 parameters, optimizer state, RNG and data position, on any mesh or number of
 hosts (the restore target carries the current shardings; nothing is
@@ -13,7 +13,10 @@ initialised first).
 Multi-host: every process runs this same function. Each feeds only its rows of
 the global batch (`global_batch.process_rows`), all pick the same task from
 (seed, step), only process 0 writes logs and metrics, and SIGTERM on any host
-stops all of them after the same step with a checkpoint (`PreemptionWatch`).
+stops all of them at the same point, after a train step or before an eval batch
+(`PreemptionWatch`): they write a checkpoint and raise `Preempted`, which the
+entry points turn into exit status `EXIT_PREEMPTED` (requeue me). An evaluation
+cut short is marked in the checkpoint and runs first on resume.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from typing import Any, Sequence
 
 import jax
@@ -35,7 +37,8 @@ from vlp.data import shards as shards_lib
 from vlp.jobs.base import EvalContext, Feed, JobFactory
 from vlp.parallel import global_batch, mesh as mesh_lib, sharding as sharding_lib
 from vlp.parallel import logical, preemption as preemption_lib
-from vlp.train import metrics as metrics_lib, optim, profiling, step as step_lib
+from vlp.train import flops as flops_lib, log_interval, metrics as metrics_lib, optim
+from vlp.train import profiling, step as step_lib
 from vlp.train.state import abstract_state, create_train_state, state_shardings
 from vlp.train.task_mix import BatchKinds, TaskMix
 
@@ -52,6 +55,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `job_factory` (default: the job `config.job` names, `vlp.jobs`) supplies data,
   model, objectives and evaluation. `devices` (default: all) lets a single-process
   run use a subset, e.g. a one-device reference inside an 8-device test process.
+  Raises `preemption.Preempted` after a SIGTERM, once its checkpoint is written.
   """
   os.makedirs(workdir, exist_ok=True)
   if config.compilation_cache_dir:
@@ -66,10 +70,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   make_model = job.make_model
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
                                       lr_multipliers=job.lr_multipliers)
+  best_metric = config.best_metric
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+                               save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+                               best_metric=best_metric)
 
-  start_step, data_state = 0, None
+  start_step, data_state, eval_pending = 0, None, False
   latest = ckpt.latest_step()
   if latest is not None:
     # Straight into the current shardings: no throw-away init, whatever mesh wrote it.
@@ -78,6 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                          strict=config.strict_sharding)
     state, meta = ckpt.restore(latest, abstract_state(state_sh, make_model, tx))
     start_step, data_state = int(state.step), meta.get("data_state")
+    eval_pending = bool(meta.get("eval_pending"))  # Absent in older checkpoints.
     metrics_lib.log(f"resumed from {ckpt.directory} at step {start_step}")
     if job.init_params is not None:
       metrics_lib.log("resuming: config.init_from is not reloaded")
@@ -118,64 +125,115 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           fn, state_sh, sharding_lib.batch_shardings(host_batch, mesh, rules), mesh)
     return compiled[task]
 
-  def save(step: int, force: bool = False):
+  def save(step: int, force: bool = False, eval_pending: bool = False,
+           metrics: dict | None = None):
+    # eval_pending: this step's evaluation was due but cut short; a resume runs it first.
+    # metrics: an evaluated step's `best_metric`, so that the best step is kept.
     meta = {"step": step, "data_state": train_iter.get_state(),
             "config": json.loads(config.to_json_best_effort()),
-            "model_info": dict(job.model_info)}
-    ckpt.save(step, state, meta, force=force)
+            "model_info": dict(job.model_info), "eval_pending": eval_pending}
+    with interval.timed("checkpoint"):
+      ckpt.save(step, state, meta, force=force, metrics=metrics)
 
   def evaluate(params, step: int) -> dict[str, Any]:
+    def to_global_or_stop(host_batch: dict) -> dict:
+      # Every eval batch passes here on every process in the same order: the point
+      # where a SIGTERM during evaluation is noticed.
+      if preemption.should_stop():
+        raise preemption_lib.Preempted(step, "evaluation")
+      return to_global(host_batch)
+
     ctx = EvalContext(step=step, config=config, workdir=workdir, graphdef=graphdef,
-                      mesh=mesh, rules=rules, to_global=to_global, loss_fns=loss_fns,
+                      mesh=mesh, rules=rules, to_global=to_global_or_stop, loss_fns=loss_fns,
                       compiled=eval_compiled)
-    out = job.evaluate(params, ctx)
+    with interval.timed("eval"):
+      out = job.evaluate(params, ctx)
     metrics_lib.write_json(os.path.join(workdir, job.eval_file), out)
     eval_writer.write(out)
     metrics_lib.log("eval step {}: ".format(step) + ", ".join(
         f"{k}={v:.2f}" for k, v in out.items() if isinstance(v, float)))
     return out
 
+  def stop(step: int, why: preemption_lib.Preempted, eval_pending: bool):
+    if ckpt.latest_step() != step:  # A resumed evaluation stops at a saved step.
+      save(step, force=True, eval_pending=eval_pending)
+    ckpt.close()
+    if jax.process_count() > 1:
+      # No process exits (and so no launcher kills the others) before all have saved.
+      multihost_utils.sync_global_devices("vlp: pre-emption checkpoint written")
+    metrics_lib.log(f"{why}; exiting")
+    raise why
+
   eval_on = config.eval_every > 0  # eval_every <= 0 turns evaluation off.
+
+  def eval_due(step: int) -> bool:
+    return eval_on and (step % config.eval_every == 0 or step == config.total_steps)
+
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
   eval_writer = metrics_lib.MetricWriter(workdir, "eval_history.jsonl",
                                          tensorboard=config.tensorboard, tag_prefix="eval/")
   profiler = profiling.StepProfiler(config.profile_steps, workdir)
-  progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
+  peak = flops_lib.peak_flops(mesh.devices.flat[0])
+  interval = log_interval.LogInterval(
+      batch_size=config.batch_size, total_steps=config.total_steps, start_step=start_step,
+      flops_per_example=job.flops_per_example,
+      peak_flops=peak * mesh.devices.size if peak else None)
   preemption = Preemption()
   last_eval: dict[str, Any] = {}
   step = start_step
   with (logical.activate(mesh, rules), contextlib.closing(preemption),
         contextlib.closing(profiler), contextlib.closing(writer),
         contextlib.closing(eval_writer)):
+    if eval_pending and eval_due(step):
+      try:
+        last_eval = evaluate(state.params, step=step)
+      except preemption_lib.Preempted as why:
+        stop(step, why, eval_pending=True)
     while step < config.total_steps:
       task = mix.task(step)
-      host_batch = next(train_iter)
+      with interval.timed("data"):
+        host_batch = next(train_iter)
+        batch = to_global(host_batch)
       profiler.before(step + 1)
-      state, metrics = step_for(task, host_batch)(state, to_global(host_batch))
+      state, metrics = step_for(task, host_batch)(state, batch)
       step += 1
+      interval.add_step(task, metrics)  # Device arrays: read at the log step only.
       profiler.after(step, state)
       if step % config.log_every == 0 or step == config.total_steps:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        metrics_lib.check_finite(values, step)
-        perf = progress.update(step)
-        record = {"step": step, "task": task, f"loss/{task}": values["loss"], "lr": values["lr"],
-                  "examples_per_sec": perf["examples_per_sec"]}
-        record.update({k: v for k, v in values.items() if k not in ("loss", "lr")})
+        record = interval.report(step)
+        metrics_lib.check_finite(record, step)
         writer.write(record)
-        metrics_lib.log(metrics_lib.Progress.line(step, config.total_steps, task, record, perf))
-      if preemption.should_stop(step):
-        save(step, force=True)
-        ckpt.close()
-        metrics_lib.log(f"pre-emption (SIGTERM): checkpoint written at step {step}; exiting")
-        return last_eval
-      if step % config.checkpoint_every == 0 and step != config.total_steps:
+        metrics_lib.log(log_interval.progress_line(record, config.total_steps))
+      if preemption.should_stop():
+        stop(step, preemption_lib.Preempted(step, "training"), eval_pending=eval_due(step))
+      evaluated = eval_due(step)
+      if evaluated:
+        try:
+          last_eval = evaluate(state.params, step=step)
+        except preemption_lib.Preempted as why:
+          stop(step, why, eval_pending=True)
+      # After the evaluation: a checkpoint at an eval step means that evaluation ran. An
+      # evaluated step with a `best_metric` is saved with it: it may be the best.
+      scored = best_score(last_eval, best_metric) if evaluated else None
+      if scored is not None:
+        save(step, force=True, metrics=scored)
+      elif step % config.checkpoint_every == 0 and step != config.total_steps:
         save(step)
-      if eval_on and (step % config.eval_every == 0 or step == config.total_steps):
-        last_eval = evaluate(state.params, step=step)
     if ckpt.latest_step() != step:
       save(step, force=True)
+  if best_metric:
+    metrics_lib.log(f"best {best_metric}: step {ckpt.best_step()} "
+                    "(python -m vlp.evaluate --step=best)")
   ckpt.close()
   return last_eval
+
+
+def best_score(evaluation: dict[str, Any], metric: str) -> dict[str, float] | None:
+  """{metric: value} when `metric` is set and the evaluation has a number for it."""
+  value = evaluation.get(metric) if metric else None
+  if isinstance(value, (int, float)) and np.isfinite(value):
+    return {metric: float(value)}
+  return None
 
 
 def feed_for(config: ml_collections.ConfigDict, mesh, rules) -> Feed:
@@ -197,12 +255,14 @@ def _to_global(config, mesh, rules, feed: Feed):
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        step: int | str | None = None,
                         job_factory: JobFactory | None = None,
                         devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
-  """Restores the latest checkpoint of `workdir` and runs only the job's evaluation.
+  """Restores a checkpoint of `workdir` and runs only the job's evaluation.
 
-  The result goes to `WORKDIR/<job.eval_file>` (for fine-tuning jobs
-  `eval_<config.eval_split>.json`).
+  `step`: None (the latest), a step number, or "best" (the step kept for the
+  highest `config.best_metric`). The result goes to `WORKDIR/<job.eval_file>`
+  (for fine-tuning jobs `eval_<config.eval_split>.json`).
   """
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.rules_for(config.sharding, mesh)
@@ -211,15 +271,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps,
                                lr_multipliers=job.lr_multipliers)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               save_every=config.checkpoint_every, keep=config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first "
-                            "(python -m vlp.pretrain / vlp.finetune with this --workdir)")
+                               save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+                               best_metric=config.best_metric)
+  chosen = checkpoint_step(ckpt, step, config.best_metric)
   graphdef, state_sh = state_shardings(job.make_model, tx, mesh=mesh, rules=rules,
                                        sharding_name=config.sharding,
                                        strict=config.strict_sharding)
-  state, _ = ckpt.restore(latest, abstract_state(state_sh, job.make_model, tx))
+  state, _ = ckpt.restore(chosen, abstract_state(state_sh, job.make_model, tx))
   ckpt.close()
 
   ctx = EvalContext(step=int(state.step), config=config, workdir=workdir, graphdef=graphdef,
@@ -230,3 +288,24 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   metrics_lib.write_json(os.path.join(workdir, job.eval_file), out)
   metrics_lib.log(f"evaluated step {ctx.step} -> {os.path.join(workdir, job.eval_file)}")
   return out
+
+
+def checkpoint_step(ckpt: ckpt_lib.Checkpointer, step: int | str | None,
+                    best_metric: str) -> int:
+  """The step `evaluate_checkpoint` restores: the latest, a number, or "best"."""
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first "
+                            "(python -m vlp.pretrain / vlp.finetune with this --workdir)")
+  if step is None:
+    return ckpt.latest_step()
+  if step == "best":
+    best = ckpt.best_step()
+    if best is None:
+      raise ValueError(f"--step=best: no checkpoint under {ckpt.directory} was saved with "
+                       f"config.best_metric={best_metric!r} (steps: {steps}); set "
+                       "best_metric when fine-tuning, or pass a step number")
+    return best
+  if int(step) not in steps:
+    raise ValueError(f"--step={step}: {ckpt.directory} holds steps {steps}")
+  return int(step)

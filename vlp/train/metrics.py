@@ -1,14 +1,13 @@
 """Metrics output: `WORKDIR/metrics.jsonl` (one JSON object per log step) and, with
 `config.tensorboard`, TensorBoard event files beside it (`tensorboard --logdir
-WORKDIR`); progress lines with throughput and ETA, and a NaN guard. Only process 0
-writes."""
+WORKDIR`); progress lines and a NaN guard. Only process 0 writes. What a log line
+holds is `vlp.train.log_interval`'s."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import time
 from typing import Any, Mapping
 
 import jax
@@ -90,47 +89,6 @@ def check_finite(metrics: Mapping[str, Any], step: int) -> None:
          if isinstance(v, float) and not math.isfinite(v)}
   if bad:
     raise FloatingPointError(f"non-finite metrics at step {step}: {bad}")
-
-
-def _fmt_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-class Progress:
-  """Throughput since the last report, and an ETA from the steady-state rate.
-
-  The first report after (re)start includes compilation, so the ETA uses the
-  rate measured from the first report on.
-  """
-
-  def __init__(self, total_steps: int, start_step: int, batch_size: int):
-    self.total = total_steps
-    self.batch_size = batch_size
-    self.last_step, self.last_time = start_step, time.perf_counter()
-    self.first_step, self.first_time = None, None
-
-  def update(self, step: int) -> dict:
-    now = time.perf_counter()
-    steps = max(step - self.last_step, 1)
-    dt = max(now - self.last_time, 1e-9)
-    if self.first_step is None:
-      self.first_step, self.first_time = step, now
-      rate = steps / dt
-    else:
-      rate = (step - self.first_step) / max(now - self.first_time, 1e-9) or steps / dt
-    self.last_step, self.last_time = step, now
-    return {"examples_per_sec": steps * self.batch_size / dt,
-            "steps_per_sec": steps / dt,
-            "eta_seconds": (self.total - step) / max(rate, 1e-9)}
-
-  @staticmethod
-  def line(step: int, total: int, task: str, metrics: Mapping[str, Any], perf: Mapping) -> str:
-    loss = metrics.get(f"loss/{task}", metrics.get("loss"))
-    return (f"step {step}/{total} [{task}] loss={loss:.4f} lr={metrics.get('lr', 0):.2e} "
-            f"{perf['examples_per_sec']:.0f} ex/s ETA {_fmt_duration(perf['eta_seconds'])}")
 
 
 def log(msg: str) -> None:

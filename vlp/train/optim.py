@@ -9,9 +9,21 @@ to the peak then linear decay to 0 at ``total_steps`` (non-positive -> 1e-8).
 Known, documented differences from the reference HF-style AdamW: optax applies
 decay as ``p -= lr * (update + wd * p)`` (the reference decays the already-updated
 parameter, a second-order difference in lr), and folds eps inside the bias
-correction. Gradients are means over the global batch; the reference sums over
-GPUs and accumulation steps before clipping, so its effective clip threshold is
-relative to a larger norm.
+correction.
+
+Gradient scale (`clip_scale`): vlp's gradient is the mean over the global batch
+(and over micro-batches with `grad_accum`). The reference sums its per-GPU,
+per-micro-batch gradients over GPUs and accumulation steps before clipping; where
+each micro-batch loss is a mean, its gradient is (GPUs x accumulation steps)
+times vlp's mean and its clip bites on that larger norm (base pretraining:
+8 GPUs x 6 steps = 48; clip 5.0 fires once the mean gradient's norm exceeds
+5/48 ~ 0.1). `optimizer.clip_scale` multiplies the gradient by that factor
+before clipping, and AdamW gets the multiplied gradient, as in the reference
+(each config derives its factor). Scaling the threshold down instead would clip
+the same steps to the same direction, but Adam's eps (1e-6) would then sit next
+to a gradient `clip_scale` times smaller than the reference's; scaling the
+gradient keeps eps in the reference's proportion too. Otherwise Adam is
+invariant to the scale: it changes which steps clip, and the weight of eps.
 """
 
 from __future__ import annotations
@@ -112,9 +124,17 @@ def make_optimizer(opt_cfg, total_steps: int, *,
   `optax.multi_transform` on the trained modules only, so a frozen backbone costs
   no Adam moments in memory or in checkpoints (their places in the state are
   `optax.MaskedNode`s).
+
+  `opt_cfg.clip_scale` multiplies the gradient before clipping and AdamW (module
+  docstring): the clip then fires when `clip_scale * |mean gradient| > grad_clip`.
   """
   schedule = warmup_linear_decay(opt_cfg.learning_rate, opt_cfg.warmup_steps, total_steps)
-  parts = [optax.clip_by_global_norm(opt_cfg.grad_clip),
+  if not opt_cfg.clip_scale > 0:
+    raise ValueError(f"optimizer.clip_scale must be positive (1 = clip the mean gradient; "
+                     f"the reference's GPUs x accumulation steps to clip as it does), "
+                     f"got {opt_cfg.clip_scale!r}")
+  scale = [optax.scale(float(opt_cfg.clip_scale))] if opt_cfg.clip_scale != 1 else []
+  parts = scale + [optax.clip_by_global_norm(opt_cfg.grad_clip),
            optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                        weight_decay=opt_cfg.weight_decay, mask=decay_mask)]
   if lr_multipliers:

@@ -50,7 +50,8 @@ def task_kwargs(config, name: str) -> dict:
   if name == "itm":
     itm = config.itm
     return dict(wra_weight=itm.wra_weight, ot_beta=itm.ot.beta,
-                ot_iterations=itm.ot.iterations, ot_k=itm.ot.k)
+                ot_iterations=itm.ot.iterations, ot_k=itm.ot.k, negatives=itm.negatives,
+                hard_similarity=itm.hard_similarity)
   return {}
 
 
