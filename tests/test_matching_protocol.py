@@ -36,6 +36,8 @@ def test_protocol_table_on_two_mechanisms(tmp_path):
     table = json.load(f)
   assert table["rows"] == json.loads(json.dumps(result["rows"]))
   assert os.path.getsize(os.path.join(work, "matching_protocol.png")) > 10_000
+  with open(os.path.join(work, "matching_protocol.md")) as f:
+    assert len(f.read().splitlines()) == 2 + len(result["rows"])
   assert table["budget"] == {"steps": 90, "batch_size": 32, "seed": 42,
                              "learning_rate": 2e-3}
   done = table["rows"]

@@ -16,7 +16,8 @@ two-stage re-ranking (vlp/jobs/matching.py). Training seconds are the wall time
 of the training run (compilation included), evaluation seconds that of each
 mode (encoding the gallery included).
 
-Writes WORKDIR/matching_protocol.json (the rows, the budget, chance levels) and
+Writes WORKDIR/matching_protocol.json (the rows, the budget, chance levels),
+WORKDIR/matching_protocol.md (the rows as a Markdown table) and
 WORKDIR/matching_protocol.png (RSUM per mechanism and mode; RSUM against pairs
 scored), and prints the table.
 """
@@ -132,6 +133,18 @@ def table_lines(rows: list[dict]) -> list[str]:
   return lines
 
 
+def markdown_table(rows: list[dict]) -> str:
+  """The table as Markdown (what docs/matching.md shows)."""
+  head = ["mechanism", "mode", *METRICS, "train s", "eval s", "pairs scored"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    lines.append("| " + " | ".join([r["mechanism"], r["mode"]]
+                                   + [f"{r[m]:.1f}" for m in METRICS]
+                                   + [f"{r['train_seconds']:.0f}", f"{r['eval_seconds']:.1f}",
+                                      f"{r['pairs_scored']:,}"]) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def write_chart(rows: list[dict], path: str, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -189,8 +202,9 @@ def run_protocol(config, workdir: str, names: list[str]) -> dict:
   if sizes:
     result["num_images"], result["num_captions"] = sizes
     result["chance"] = {f"r{k}": chance(*sizes, k) for k in (1, 5, 10)}
-  path = os.path.join(workdir, f"{TABLE}.json")
-  metrics_lib.write_json(path, result)
+  metrics_lib.write_json(os.path.join(workdir, f"{TABLE}.json"), result)
+  with open(os.path.join(workdir, f"{TABLE}.md"), "w") as f:
+    f.write(markdown_table(rows))
   write_chart(rows, os.path.join(workdir, f"{TABLE}.png"),
               f"{config.data} {config.eval_split}: {config.total_steps} steps, seed {config.seed}")
   print("\n".join(table_lines(rows)), flush=True)
