@@ -166,9 +166,10 @@ def write_chart(rows: list[dict], path: str, title: str) -> None:
   bars.set_ylabel("RSUM (max 600)")
   bars.set_title(title)
   bars.legend(fontsize=8)
-  for n in names:
-    pts = [r for r in done if r["mechanism"] == n]
-    cost.plot([max(r["pairs_scored"], 1) for r in pts], [r["rsum"] for r in pts], "o-",
+  colours = plt.get_cmap("tab20")
+  for i, n in enumerate(names):
+    pts = sorted((max(r["pairs_scored"], 1), r["rsum"]) for r in done if r["mechanism"] == n)
+    cost.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colours(i % 20),
               label=n)
   cost.set_xscale("log")
   cost.set_xlabel("pairs scored by the mechanism (dual search: 1)")
