@@ -1,7 +1,8 @@
 """The matching protocol on two mechanisms at toy scale (vlp_scenes small build):
 its JSON table has every field for every evaluation mode, the chart is written,
 the trained mechanism's R@1 is above chance, and the matching job's pieces
-agree with numpy (two-stage pair scores, chance levels)."""
+agree with numpy (two-stage pair scores, chance levels); the same command on a
+coco_karpathy build from real-format fixtures."""
 
 import json
 import os
@@ -95,3 +96,35 @@ def test_pair_scorer_reads_the_same_scores_as_the_full_matrix():
   tt = np.array([1, 8, 2, 0, 2, 7])
   got = matching_job.pair_scorer(similarities.cosine_global, img, im, txt, tm)(ii, tt)
   np.testing.assert_allclose(got, full[ii, tt], atol=1e-6)
+
+
+def test_protocol_command_on_a_coco_karpathy_build(tmp_path):
+  """The same command on a real-format dataset: a Karpathy COCO JSON and a
+  bottom-up-attention TSV built with `vlp.data.prepare` (2048-d features)."""
+  import subprocess
+  import sys
+  from vlp.data import prepare
+  from test_builders_karpathy import write_images
+  rng = np.random.default_rng(0)
+  images = ([(100 + i, "train", 5, 12) for i in range(16)]
+            + [(200 + i, "val", 5, 11) for i in range(2)]
+            + [(300 + i, "test", 5, 10) for i in range(6)])
+  manual, data_dir, work = tmp_path / "manual", tmp_path / "data", tmp_path / "protocol"
+  write_images(str(manual), images, 2048, rng)
+  prepare.prepare("coco_karpathy", manual_dir=str(manual), data_dir=str(data_dir))
+  cmd = [sys.executable, "-m", "vlp.tools.matching_protocol", "--config=configs/matching.py",
+         "--config.data=coco_karpathy", "--config.feature_dim=2048",
+         f"--config.data_dir={data_dir}", f"--workdir={work}", "--mechanisms=global_nce",
+         "--config.total_steps=4", "--config.batch_size=8", "--config.log_every=2",
+         "--config.checkpoint_every=4", "--config.eval_batch_size=40"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+             "--xla_cpu_use_fusion_emitters=false")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(work / "matching_protocol.json") as f:
+    table = json.load(f)
+  assert table["data"] == "coco_karpathy"
+  assert (table["num_images"], table["num_captions"]) == (6, 30)
+  assert {r["mode"] for r in table["rows"]} == {"full", "dual", "two_stage_k10",
+                                                "two_stage_k20"}
+  assert all(r["pairs_scored"] <= 6 * 30 for r in table["rows"])
