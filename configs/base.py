@@ -27,7 +27,8 @@ def get_config(arg=None):
 
   # Data. `data` names a tfds builder; vlp_scenes is generated locally.
   c.data = arg.data
-  c.data_dir = "workdir/data"
+  c.data_dir = "workdir/data"  # Local, or an object store (gs://...): staged to local disk.
+  c.data_cache_dir = ""  # Where a data_dir on an object store is staged; "": $TMPDIR/vlp_data.
   c.data_size = "demo"  # vlp_scenes split sizes: demo | small.
   c.feature_dim = 64 if tiny else 2048
   # Text tokens incl. [CLS]/[SEP] (static); vlp_scenes captions need at most 19.

@@ -62,6 +62,7 @@ SLOWEST_FIRST = (
     "test_matching_blocks.py",  # 19
     "test_pretrain_real_data.py",  # 17
     "test_export_import.py",  # 15
+    "test_object_store.py",  # 15
     "test_aot.py",  # 15
     "test_bert_init.py",  # 13
     "test_matching_proposals.py",  # 12

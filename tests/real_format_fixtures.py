@@ -3,13 +3,16 @@
 Written for tests/test_finetune_real_data.py: VQA v2 question / annotation JSON plus
 a bottom-up-attention TSV; the refer toolkit's refs pickle, COCO instances.json and
 per-image npz features; and the hand answer normalisation, leave-one-out accuracy
-and numpy IoU the tests compare against.
+and numpy IoU the tests compare against. For tests/test_imgdb.py: UNITER's image
+DBs (LMDB written with the lmdb package, msgpack-numpy entries encoded by hand,
+or npz archives in the compressed DBs).
 """
 
 import base64
 import collections
 import json
 import os
+import io
 import pickle
 
 import numpy as np
@@ -172,3 +175,54 @@ def np_iou(a, b):
   ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
   area = lambda x: (x[2] - x[0]) * (x[3] - x[1])
   return iw * ih / (area(a) + area(b) - iw * ih)
+
+
+# ------------------------------------------------------------------ UNITER image DB
+UNITER_ENV = 'feat_th0.2_max100_min10'
+
+
+def msgpack_numpy(array):
+  """msgpack-numpy's encoding of an ndarray (its `encode`), written out by hand."""
+  array = np.asarray(array)
+  data = pickle.dumps(array, protocol=2) if array.dtype.kind == 'O' else array.tobytes()
+  return {b'nd': True, b'type': array.dtype.str, b'kind': b'', b'shape': list(array.shape),
+          b'data': data}
+
+
+def uniter_entry(arrays, compressed=False) -> bytes:
+  """One DB value: a msgpack map of msgpack-numpy arrays, or npz archive bytes."""
+  import msgpack
+  if compressed:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+  return msgpack.packb({k: msgpack_numpy(v) for k, v in arrays.items()}, use_bin_type=True)
+
+
+def write_uniter_db(img_db, name, entries, *, compressed=False, raw=None):
+  """`img_db/<name>/feat_th0.2_max100_min10[_compressed]/`: an LMDB whose keys are
+  file names and values `uniter_entry(arrays)`, plus `__keys__` (a JSON list);
+  `raw` adds {key: bytes} values as they are."""
+  import lmdb
+  env_dir = os.path.join(img_db, name, UNITER_ENV + ('_compressed' if compressed else ''))
+  os.makedirs(env_dir, exist_ok=True)
+  env = lmdb.open(env_dir, map_size=1 << 26)
+  with env.begin(write=True) as txn:
+    for key, arrays in entries.items():
+      txn.put(key.encode(), uniter_entry(arrays, compressed))
+    for key, value in (raw or {}).items():
+      txn.put(key.encode(), value)
+    txn.put(b'__keys__', json.dumps(sorted(entries) + sorted(raw or {})).encode())
+  env.close()
+  return env_dir
+
+
+def uniter_image(rng, n, d=D, classes=5, confident=4):
+  """UNITER's arrays of one image (float16, descending conf, `confident` above 0.2)."""
+  xy = rng.uniform(0, 0.5, (n, 2))
+  wh = rng.uniform(0.05, 0.4, (n, 2))
+  norm = np.concatenate([xy, xy + wh, wh], 1)
+  conf = np.concatenate([np.linspace(0.9, 0.3, confident), np.linspace(0.19, 0.01, n - confident)])
+  return {'features': rng.gamma(2.0, 1.0, (n, d)).astype(np.float16),
+          'norm_bb': norm.astype(np.float16), 'conf': conf.astype(np.float16),
+          'soft_labels': rng.dirichlet(np.ones(classes), n).astype(np.float16)}

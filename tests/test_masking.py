@@ -303,3 +303,21 @@ def test_conditional_masking_and_determinism(kind):
   fresh = make_batch(np.random.default_rng(8), b=32)
   for key in batch:
     np.testing.assert_array_equal(batch[key], fresh[key])
+
+
+@pytest.mark.parametrize('kind', ['mrm', 'random', 'balanced'])
+def test_in_place_gives_the_copying_result(kind):
+  """A batch built for the call (streams pass inplace=True) may be changed in place:
+  the result equals the copying path's, rows swapped among negatives included."""
+  make = {'mrm': lambda b, r, **kw: masking.make_mrm_batch(b, r, max_predictions=6, **kw),
+          'random': lambda b, r, **kw: masking.make_itm_batch(b, r, **kw),
+          'balanced': lambda b, r, **kw: masking.make_itm_batch(b, r, negatives='balanced',
+                                                                **kw)}[kind]
+  batch = make_batch(np.random.default_rng(8), b=32)
+  want = make(batch, np.random.default_rng(9))
+  got = make(make_batch(np.random.default_rng(8), b=32), np.random.default_rng(9),
+             inplace=True)
+  assert want.keys() == got.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert not np.array_equal(want['img_feat'], batch['img_feat'])  # something changed

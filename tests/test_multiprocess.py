@@ -2,7 +2,8 @@
 real SIGTERMs, and a coordinator nobody can reach.
 
 * 2 processes x 2 CPU devices give the first five losses of 1 process x 4 devices
-  (same mesh, same fixed data shards), and only process 0 logs and writes metrics;
+  (same mesh, same fixed data shards, a data mixture), and only process 0 logs and
+  writes metrics;
 * SIGTERM to that 2-process job (the launcher forwards it to both, as a scheduler
   would) stops both after the same step with a checkpoint and exit status 42
   (`EXIT_PREEMPTED`: requeue me), which the launcher passes on;
@@ -65,9 +66,11 @@ def _env(cache_dir, devices=None):
 
 
 def _pretrain(workdir, data_dir, **extra):
-  """The tiny run every test here shares: 4 devices as data=2 x fsdp=2, 2 data shards."""
+  """The tiny run every test here shares: 4 devices as data=2 x fsdp=2, 2 data shards,
+  a mixture of two splits (vlp.data.mixture) weighted 3:1."""
   overrides = dict(
-      data_dir=data_dir, data_size="small", batch_size=8, max_text_len=20,
+      data_dir=data_dir, data="vlp_scenes:train=3,vlp_scenes:test=1", data_size="small",
+      batch_size=8, max_text_len=20,
       **{"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
          "model.intermediate_size": 64, "mesh.data": 2, "mesh.fsdp": 2,
          "tasks.mlm": 1, "tasks.mrfr": 0, "tasks.mrc": 0, "tasks.mrckl": 0, "tasks.itm": 0},

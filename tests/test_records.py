@@ -188,3 +188,32 @@ def test_image_records_errors(tiny):
   with pytest.raises(ValueError, match='has region features of dim 3, config expects '
                                        'feature_dim=4'):
     ImageRecords(tiny, 'train', 4, captions=False)
+
+
+def test_wire_scan_finds_what_the_proto_parse_finds(tiny):
+  raw_source = records.open_source(tiny, 'train', raw=True)
+  for i in range(5):
+    raw = raw_source[i]
+    f, spans = records.parse(raw), records.scan(raw)
+    assert set(spans) == set(f)
+    for name, span in spans.items():
+      assert span[0] == f[name].WhichOneof('kind'), name
+      if span[0] == 'bytes_list':
+        assert [raw[s:e] for s, e in records.span_bytes(raw, span)] == list(
+            f[name].bytes_list.value), name
+    assert records.span_int(raw, spans['image_id']) == _example(i)['image_id']
+    view = records.span_array(raw, spans['img_pos'], np.float32, (7,))
+    np.testing.assert_array_equal(view, _example(i)['img_pos'])
+    assert view.base is not None  # a view of the record, not a copy
+  # Negative and unpacked int64 values; a Feature with no list set.
+  example = records.tf_example_pb2.Example()
+  example.features.feature['neg'].int64_list.value.append(-7)
+  example.features.feature['empty'].SetInParent()
+  raw = example.SerializeToString()
+  spans = records.scan(raw)
+  assert records.span_int(raw, spans['neg']) == -7 and spans['empty'][0] == 'bytes_list'
+  assert records.span_bytes(raw, spans['empty']) == []
+  unpacked = b'\x0a\x0d\x0a\x0b\x0a\x01k\x12\x06\x1a\x04\x08\x05\x08\x06'  # k: [5, 6]
+  assert records.span_int(unpacked, records.scan(unpacked)['k']) == 5
+  with pytest.raises(ValueError, match='truncated'):
+    records.scan(raw[:-1])

@@ -92,16 +92,28 @@ def _losses(workdir):
   return {r["step"]: (r["task"], r[f"loss/{r['task']}"]) for r in _records(workdir)}
 
 
-def _events(workdir) -> dict[tuple[str, int], float]:
-  """(tag, step) -> value of every scalar in the run's event files. The TFRecord
-  framing (length, crc, data, crc) is read here; the payload is an Event proto."""
+def stop_after(checks: int) -> type:
+  """`loop.Preemption` that reports a SIGTERM at its `checks`-th check (the loop
+  checks once after each train step and before each eval batch)."""
+  class StopAfter(preemption.PreemptionWatch):
+    calls = 0
+
+    def should_stop(self):
+      self.calls += 1
+      return self.calls >= checks
+  return StopAfter
+
+
+def event_scalars(workdir) -> dict[tuple[str, int], float]:
+  """(tag, step) -> value of every scalar in the run's event files (`workdir` local
+  or any epath). The TFRecord framing (length, crc, data, crc) is read here; the
+  payload is an Event proto."""
   import struct
+  from etils import epath
   from tensorboardX.proto import event_pb2
   out = {}
-  for name in os.listdir(workdir):
-    if not name.startswith("events.out.tfevents."):
-      continue
-    data = open(os.path.join(workdir, name), "rb").read()
+  for path in epath.Path(workdir).glob("events.out.tfevents.*"):
+    data = path.read_bytes()
     pos = 0
     while pos < len(data):
       (length,) = struct.unpack("<Q", data[pos:pos + 8])
@@ -114,7 +126,7 @@ def _events(workdir) -> dict[tuple[str, int], float]:
 
 def _check_tensorboard_and_profile(workdir, losses):
   # Every logged loss and the last evaluation are in the TensorBoard event files.
-  events = _events(workdir)
+  events = event_scalars(workdir)
   for step, (task, loss) in losses.items():
     assert events[(f"loss/{task}", step)] == pytest.approx(loss, rel=1e-6)
   with open(workdir / "eval.json") as f:
@@ -155,15 +167,7 @@ def test_resume_after_interruption_matches_uninterrupted(data_dir, reference, tm
 
   # Interrupt after step 5 through the pre-emption path, then restart.
   real = loop.Preemption
-
-  class StopAt5(real):
-    calls = 0  # One call after each train step (no evaluation before step 8).
-
-    def should_stop(self):
-      self.calls += 1
-      return self.calls >= 5
-
-  monkeypatch.setattr(loop, "Preemption", StopAt5)
+  monkeypatch.setattr(loop, "Preemption", stop_after(5))  # No evaluation before step 8.
   with pytest.raises(preemption.Preempted) as stopped:
     loop.train_and_evaluate(tiny_config(data_dir, **OVERRIDES), str(run_dir), devices=ONE)
   assert (stopped.value.step, stopped.value.where) == (5, "training")
@@ -191,7 +195,7 @@ def test_logged_losses_are_interval_means(data_dir, reference, tmp_path):
                           devices=ONE)
   records = _records(run_dir)
   assert [r["step"] for r in records] == [3, 6, 8]
-  events = _events(run_dir)
+  events = event_scalars(run_dir)
   previous = 0
   for r in records:
     step = r["step"]

@@ -5,7 +5,7 @@ r"""Benchmark the jitted train step of each task, or the input pipeline alone.
   python -m vlp.bench --config=configs/uniter_base.py:tiny --config.batch_size=32 --steps=5
   # Masked batches of the config's shapes per second (read, tokenise, pad, mask).
   python -m vlp.bench --config=configs/uniter_base.py --config.batch_size=128 \
-      --config.max_text_len=40 --input_only
+      --config.max_text_len=40 --input_only [--input_mixture] [--input_soft_labels]
 
 Shapes (batch, text length, regions, feature size, prediction slots), model, mesh
 and sharding come from the pretraining config, as in `vlp.pretrain`. Each run
@@ -28,18 +28,26 @@ _INPUT_ONLY = flags.DEFINE_bool("input_only", False, "Time the input pipeline on
                                 "tokenising, padding and masking batches of the config.")
 _INPUT_DIR = flags.DEFINE_string("input_data_dir", "/tmp/vlp_input_bench",
                                  "Where --input_only builds its fixture datasets (once per "
-                                 "region count and feature size).")
+                                 "region count, feature size and soft-label classes).")
 _INPUT_SECONDS = flags.DEFINE_float("input_seconds", 10.0, "Timed seconds (--input_only).")
+_INPUT_MIXTURE = flags.DEFINE_bool("input_mixture", False, "With --input_only: read a 1:1 "
+                                   "mixture of two datasets (coco_karpathy and "
+                                   "flickr30k_karpathy fixtures) instead of one.")
+_INPUT_SOFT_LABELS = flags.DEFINE_bool("input_soft_labels", False, "With --input_only: "
+                                       "records carry config.num_region_classes soft labels "
+                                       "(as UNITER's image DBs), not none (as BUTD TSVs).")
 
 
 def _input_only(config) -> dict:
   from vlp.data import input_bench
   from vlp.data.batching import BatchSpec
   regions, dim = config.max_regions, config.feature_dim
-  builder, tokenizer = input_bench.make_fixture(
-      os.path.join(_INPUT_DIR.value, f"{regions}x{dim}"), regions=regions, feature_dim=dim)
+  make = input_bench.make_mixture_fixture if _INPUT_MIXTURE.value else input_bench.make_fixture
+  classes = config.num_region_classes if _INPUT_SOFT_LABELS.value else 0
+  data, tokenizer = make(os.path.join(_INPUT_DIR.value, f"{regions}x{dim}x{classes}"),
+                         regions=regions, feature_dim=dim, soft_label_dim=classes)
   spec = BatchSpec.from_config(config, config.batch_size, masked=True)
-  return input_bench.measure(builder, spec, tokenizer, seconds=_INPUT_SECONDS.value,
+  return input_bench.measure(data, spec, tokenizer, seconds=_INPUT_SECONDS.value,
                              worker_count=config.data_workers)
 
 

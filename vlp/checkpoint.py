@@ -8,17 +8,19 @@ also keep its best step: saves made right after an evaluation carry that
 evaluation's metric, and the step with the highest one is kept beside the latest
 `keep` (`best_metric`). Restores always go into an
 abstract target whose leaves carry the *current* shardings, which is what lets a
-checkpoint written on one mesh load on another (or on a single CPU).
+checkpoint written on one mesh load on another (or on a single CPU). Directories
+may be on an object store (orbax reaches gs:// through tensorstore and epath).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from vlp import storage
 
 
 def best_step(step_metrics: dict[int, dict | None], metric: str) -> int | None:
@@ -59,7 +61,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True)
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        handler_registry=registry)
 
@@ -116,7 +118,7 @@ def _params_manager(directory: str) -> ocp.CheckpointManager:
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
   registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
-  return ocp.CheckpointManager(os.path.abspath(directory), handler_registry=registry,
+  return ocp.CheckpointManager(storage.absolute(directory), handler_registry=registry,
                                options=ocp.CheckpointManagerOptions(create=False))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 
@@ -32,7 +33,11 @@ class BatchSpec:
     max_regions: K; an image with more regions keeps its first K (most confident).
     feature_dim: D the model expects; a dataset with another D is an error.
     num_region_classes: C of `soft_labels`; None keeps the stored C, a larger value
-      pads with zero probabilities (e.g. 1601 for a detector-sized MRC head).
+      pads with zero probabilities (e.g. 1601 for a detector-sized MRC head). Records
+      without soft labels give C = 0 whatever this says: zeros would be MRC targets
+      that teach nothing (the tasks that read them refuse such data at start-up),
+      and a [B, K, 1601] array of them costs as much to build and send as the
+      features.
     max_mlm_predictions / max_mrm_predictions: prediction slots P / Pr (the caps);
       None derives a cap that is hit in well under 1% of examples.
   """
@@ -88,6 +93,15 @@ def _default_cap(n: int, p: float) -> int:
   return int(min(n, max(1, math.ceil(mean + 3.3 * sd + 1))))
 
 
+def classes_for(spec: BatchSpec, stored: list[int]) -> int:
+  """C of `soft_labels` for records storing `stored` classes (one per split or part):
+  0 when none stores soft labels, else `spec.num_region_classes` (None: the most
+  stored)."""
+  if not max(stored, default=0):
+    return 0
+  return max(stored) if spec.num_region_classes is None else spec.num_region_classes
+
+
 def shard_range(num: int, process_index: int, process_count: int):
   """Contiguous slice [lo, hi) of `num` images or examples that data shard
   `process_index` of `process_count` takes (sizes differ by at most 1)."""
@@ -104,14 +118,14 @@ class Batcher:
   'pairs' none (the kinds of `apply_kind` add theirs), 'vqa' `vqa_targets` over
   `num_answers` labels and `question_id`, 're' `img_boxes`, `target_region`,
   `gt_box` and `ref_id`. Rows past the examples are padding: `example_mask`
-  False, all zero, ids -1.
+  False, all zero, ids -1. `num_classes` (C of `soft_labels`) defaults to
+  `classes_for(spec, [images.num_classes])`.
   """
 
   def __init__(self, images: ImageRecords, spec: BatchSpec, tokenizer: Tokenizer, index,
-               num_answers: int = 0):
-    num_classes = spec.num_region_classes
+               num_answers: int = 0, num_classes: int | None = None):
     if num_classes is None:
-      num_classes = images.num_classes
+      num_classes = classes_for(spec, [images.num_classes])
     if num_classes < images.num_classes:
       raise ValueError(f'split {images.split!r} of {images.name} has {images.num_classes} '
                        f'region classes, config asks for {num_classes}')
@@ -137,9 +151,10 @@ class Batcher:
     return {'input_ids': input_ids, 'txt_mask': txt_mask}
 
   def regions(self, records, rows: int) -> dict:
-    """Image fields padded to K regions, for `rows` rows (records fill the first ones)."""
+    """Image fields padded to K regions, for `rows` rows (records fill the first ones;
+    they may come from several splits or datasets of the same feature size)."""
     spec, images = self.spec, self.images
-    k, c_stored = spec.max_regions, images.num_classes
+    k = spec.max_regions
     out = {
         'img_feat': np.zeros((rows, k, spec.feature_dim), np.float16),
         'img_pos': np.zeros((rows, k, 7), np.float32),
@@ -157,8 +172,9 @@ class Batcher:
       out['img_feat'][i, :m] = feats[:m]
       out['img_pos'][i, :m] = r['img_pos'][:m]
       out['img_mask'][i, :m] = True
-      if c_stored:
-        out['soft_labels'][i, :m, :c_stored] = r['soft_labels'][:m]
+      labels = r.get('soft_labels')
+      if labels is not None:
+        out['soft_labels'][i, :m, :labels.shape[-1]] = labels[:m]
       out['image_id'][i] = r['image_id']
     return out
 
@@ -167,28 +183,33 @@ class Batcher:
     if n > b:
       raise ValueError(f'{n} examples do not fit a batch of {b}')
     records = self.images.read(index.image_rows(positions))
-    out = self.text(index.texts_of(positions, records), b, stats)
-    out.update(self.regions(records, b))
-    out['example_mask'] = np.arange(b) < n
+    out = self.pairs(records, index.texts_of(positions, records), b, stats)
     if index.task == 'vqa':
-      out.update(self._vqa_targets(positions))
+      out.update(self._vqa_targets(positions, b))
     elif index.task == 're':
-      out.update(self._re_targets(positions, records))
+      out.update(self._re_targets(positions, records, b))
     return out
 
-  def _ids(self, positions) -> np.ndarray:
-    ids = np.full((self.spec.batch_size,), -1, np.int64)
+  def pairs(self, records: list[dict], texts: list, rows: int, stats: dict) -> dict:
+    """Text and image fields of (record, text) pairs, padded to `rows` rows."""
+    out = self.text(texts, rows, stats)
+    out.update(self.regions(records, rows))
+    out['example_mask'] = np.arange(rows) < len(records)
+    return out
+
+  def _ids(self, positions, b: int) -> np.ndarray:
+    ids = np.full((b,), -1, np.int64)
     ids[:len(positions)] = self.index.ids[positions]
     return ids
 
-  def _vqa_targets(self, positions) -> dict:
-    targets = np.zeros((self.spec.batch_size, self.num_answers), np.float32)
+  def _vqa_targets(self, positions, b: int) -> dict:
+    targets = np.zeros((b, self.num_answers), np.float32)
     for i, p in enumerate(positions):
       targets[i, self.index.labels[p]] = self.index.scores[p]
-    return {'vqa_targets': targets, 'question_id': self._ids(positions)}
+    return {'vqa_targets': targets, 'question_id': self._ids(positions, b)}
 
-  def _re_targets(self, positions, records) -> dict:
-    b, k, n = self.spec.batch_size, self.spec.max_regions, len(positions)
+  def _re_targets(self, positions, records, b: int) -> dict:
+    k, n = self.spec.max_regions, len(positions)
     img_boxes = np.zeros((b, k, 4), np.float32)
     for i, r in enumerate(records):
       m = min(len(r['boxes']), k)
@@ -198,12 +219,17 @@ class Batcher:
     gt_box = np.zeros((b, 4), np.float32)
     gt_box[:n] = self.index.gt_box[positions]
     return {'img_boxes': img_boxes, 'target_region': target, 'gt_box': gt_box,
-            'ref_id': self._ids(positions)}
+            'ref_id': self._ids(positions, b)}
 
 
 def apply_kind(batch: dict, kind: str | None, rng: np.random.Generator, spec: BatchSpec,
-               ids: masking.TokenIds, stats: dict | None = None) -> dict:
-  """Builds the task batch of `kind` ('mlm' | 'mrm' | 'itm'; None = plain batch)."""
+               ids: masking.TokenIds, stats: dict | None = None, *,
+               inplace: bool = False) -> dict:
+  """Builds the task batch of `kind` ('mlm' | 'mrm' | 'itm'; None = plain batch).
+
+  `inplace`: `batch` was built for this call, so MRM and ITM may change its arrays
+  instead of copying them (the largest costs of a 100-region batch otherwise).
+  """
   if kind is None:
     return batch
   if kind == 'mlm':
@@ -211,11 +237,43 @@ def apply_kind(batch: dict, kind: str | None, rng: np.random.Generator, spec: Ba
                                   max_predictions=spec.mlm_predictions, stats=stats)
   if kind == 'mrm':
     return masking.make_mrm_batch(batch, rng, prob=spec.mrm_prob,
-                                  max_predictions=spec.mrm_predictions, stats=stats)
+                                  max_predictions=spec.mrm_predictions, stats=stats,
+                                  inplace=inplace)
   if kind == 'itm':
     return masking.make_itm_batch(batch, rng, neg_prob=spec.itm_neg_prob,
-                                  negatives=spec.itm_negatives, stats=stats)
+                                  negatives=spec.itm_negatives, stats=stats, inplace=inplace)
   raise ValueError(f'unknown batch kind {kind!r}; expected one of {masking.BATCH_KINDS}')
+
+
+class RecentCache:
+  """A thread-safe cache of values keyed by a growing int (an epoch, a block) that
+  keeps the last two keys; picklable (grain workers): the lock and the cache are
+  rebuilt after unpickling. Base of the per-epoch shuffles and the mixture blocks."""
+
+  def __init__(self):
+    self._init_runtime()
+
+  def _init_runtime(self):
+    self._lock, self._recent = threading.Lock(), {}
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state['_lock'], state['_recent']
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_runtime()
+
+  def _cached(self, key: int, make):
+    """`make(key)`, computed once while `key` is one of the two latest."""
+    with self._lock:
+      value = self._recent.get(key)
+      if value is None:
+        value = make(key)
+        self._recent = {k: v for k, v in self._recent.items() if k >= key - 1}
+        self._recent[key] = value
+      return value
 
 
 def masking_rng(seed: int, index: int, process_index: int) -> np.random.Generator:

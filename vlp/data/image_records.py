@@ -62,6 +62,7 @@ class ImageRecords:
     if records.is_int_scalar(feats['image_id']):
       self.layout = records.bytes_layout(feats, REGION_FIELDS + ('boxes',) * boxes)
     self.source = records.open_source(builder, split, raw=self.fast)
+    self._fields = {'image_id', *(('captions',) * captions), *(self.layout or ())}
     if len(self.source) == 0:
       raise ValueError(f'{where} ({builder.data_dir}) is empty')
 
@@ -80,16 +81,54 @@ class ImageRecords:
     region arrays and, if asked for, captions and boxes.
     """
     unique, inverse = np.unique(np.asarray(indices, np.int64), return_inverse=True)
-    out = self.source.__getitems__([int(i) for i in unique])
     if self.fast:
-      out = [self._parse(r) for r in out]
+      # One record per read: the batched read runs a thread pool per call, which
+      # costs ~3x the CPU per 100-region record (the batch functions already run
+      # on several grain threads).
+      out = [self._parse(self.source[int(i)]) for i in unique]
+    else:
+      out = self.source.__getitems__([int(i) for i in unique])
     return [out[j] for j in inverse]
 
   def _parse(self, raw: bytes) -> dict:
-    feature = records.parse(raw)
-    out = {'image_id': int(feature['image_id'].int64_list.value[0])}
+    # Views into the record's own buffer: one scan of its wire format, no copy
+    # (a full proto parse copies each 100-region record twice).
+    spans = records.scan(raw, self._fields)
+    out = {'image_id': records.span_int(raw, spans['image_id'])}
     if self.captions:
-      out['captions'] = list(feature['captions'].bytes_list.value)
+      out['captions'] = [raw[s:e] for s, e in records.span_bytes(raw, spans['captions'])]
     for name, (dtype, tail) in self.layout.items():
-      out[name] = records.array(feature[name], dtype, tail)
+      out[name] = records.span_array(raw, spans[name], dtype, tail)
+    return out
+
+
+class ConcatRecords:
+  """Several splits of one dataset read as one list of image records (e.g. COCO's
+  `train+restval`): rows of the first split, then of the next, and so on.
+
+  Offers what batches read of `ImageRecords`: name, split (the splits joined by
+  '+'), feature_dim, num_classes, len() and read().
+  """
+
+  def __init__(self, parts: list[ImageRecords]):
+    if not parts:
+      raise ValueError('ConcatRecords needs at least one split')
+    self.parts = list(parts)
+    first = self.parts[0]
+    self.name, self.feature_dim = first.name, first.feature_dim
+    self.num_classes = first.num_classes
+    self.split = '+'.join(p.split for p in self.parts)
+    self._starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+  def __len__(self):
+    return int(self._starts[-1])
+
+  def read(self, indices) -> list[dict]:
+    indices = np.asarray(indices, np.int64)
+    which = np.searchsorted(self._starts, indices, side='right') - 1
+    out: list = [None] * len(indices)
+    for j in np.unique(which):
+      sel = np.flatnonzero(which == j)
+      for i, record in zip(sel, self.parts[j].read(indices[sel] - self._starts[j])):
+        out[i] = record
     return out

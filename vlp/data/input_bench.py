@@ -1,9 +1,11 @@
 r"""Input-pipeline throughput: masked, base-shaped batches per second on this host.
 
-`measure` times `pipeline.make_train_iterator` (read, tokenise, pad, MLM/MRM/ITM
-masking) on a prepared dataset. `make_fixture` builds the synthetic dataset it is
-meant for: `coco_karpathy` from per-image npz files of base shape (36 regions x
-2048, stored float16) and templated captions, through the real builder.
+`measure` times the training iterator (read, tokenise, pad, MLM/MRM/ITM masking)
+on a prepared dataset or a mixture of several (vlp.data.mixture). `make_fixture`
+builds the synthetic dataset it is meant for: `coco_karpathy` from per-image npz
+files of base shape (36 or 100 regions x 2048, stored float16) and templated
+captions, through the real builder; `make_mixture_fixture` adds
+`flickr30k_karpathy` over the same files, for a two-dataset mixture.
 
   python -m vlp.data.input_bench --data_dir=/tmp/input_bench --seconds=20 --workers=0
 """
@@ -36,51 +38,59 @@ class CycleKinds:
     return self.kinds[index % len(self.kinds)]
 
 
-def measure(builder, spec: BatchSpec, tokenizer: Tokenizer, *, seconds: float,
+def measure(data, spec: BatchSpec, tokenizer: Tokenizer, *, seconds: float,
             worker_count: int, split: str = 'train', kinds=KINDS, seed: int = 0,
             num_threads: int = 2, prefetch: int = 4, warmup_batches: int = 3) -> dict:
-  """Examples per second of the training iterator over `split` of a prepared builder.
+  """Examples per second of the training iterator over `split` of a prepared builder
+  (`data`), or over a mixture (`data` a list of (builder, splits, weight)).
 
   The first `warmup_batches` (worker start-up, page cache) are not timed; then
   batches are drawn for `seconds` wall-clock seconds.
 
   Returns:
-    dict with examples_per_sec, batches_per_sec, examples, batches, seconds,
+    dict with examples_per_sec, batches_per_sec, examples_per_cpu_sec and cpu_sec
+    (this process's CPU time while timed: on a shared machine the measure of the
+    pipeline's own cost; worker processes not counted), examples, batches, seconds,
     startup_sec, worker_count, num_threads, batch_size, max_text_len, max_regions,
-    feature_dim, num_region_classes and kinds.
+    feature_dim, num_region_classes, kinds and parts (the datasets read).
   """
+  parts = data if isinstance(data, list) else [(data, [split], 1.0)]
   start = time.perf_counter()
-  it = pipeline.make_train_iterator(builder, spec, tokenizer=tokenizer,
-                                    kind_for_index=CycleKinds(kinds), seed=seed,
-                                    split=split, worker_count=worker_count,
-                                    num_threads=num_threads, prefetch=prefetch)
+  it = pipeline.make_mixture_iterator(parts, spec, tokenizer=tokenizer,
+                                      kind_for_index=CycleKinds(kinds), seed=seed,
+                                      worker_count=worker_count, num_threads=num_threads,
+                                      prefetch=prefetch)
   try:
     for _ in range(warmup_batches):
       next(it)
     startup = time.perf_counter() - start
-    batches, t0 = 0, time.perf_counter()
+    batches, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     while True:
       batch = next(it)
       batches += 1
       elapsed = time.perf_counter() - t0
       if elapsed >= seconds:
         break
+    cpu = time.process_time() - cpu0
     shape = batch['img_feat'].shape
     del batch
   finally:
     it.close()
   examples = batches * spec.batch_size
   return {'examples_per_sec': examples / elapsed, 'batches_per_sec': batches / elapsed,
+          'examples_per_cpu_sec': examples / cpu, 'cpu_sec': cpu,
           'examples': examples, 'batches': batches, 'seconds': elapsed,
           'startup_sec': startup, 'worker_count': worker_count, 'num_threads': num_threads,
           'batch_size': spec.batch_size, 'max_text_len': spec.max_text_len,
           'max_regions': shape[1], 'feature_dim': shape[2],
-          'num_region_classes': spec.num_region_classes, 'kinds': list(kinds)}
+          'num_region_classes': spec.num_region_classes, 'kinds': list(kinds),
+          'parts': [f'{b.info.name}:{"+".join(s)}={w:g}' for b, s, w in parts]}
 
 
 def write_fixture(manual_dir: str, *, num_images: int = 512, regions: int = 36,
                   feature_dim: int = 2048, soft_label_dim: int = 0, seed: int = 0) -> None:
-  """Writes a Karpathy COCO file and per-image npz features (all images in train)."""
+  """Writes Karpathy COCO and Flickr30K files over the same images and per-image npz
+  features (all but the first 8 images in train)."""
   rng = np.random.default_rng(seed)
   feat_dir = os.path.join(manual_dir, 'features')
   os.makedirs(feat_dir, exist_ok=True)
@@ -105,25 +115,39 @@ def write_fixture(manual_dir: str, *, num_images: int = 512, regions: int = 36,
     np.savez(os.path.join(feat_dir, f'coco_{image_id:012d}.npz'), **arrays)
   with open(os.path.join(manual_dir, 'dataset_coco.json'), 'w') as f:
     json.dump({'images': images}, f)
+  flickr = [dict(img, filename=f'{img["cocoid"]}.jpg') for img in images]
+  with open(os.path.join(manual_dir, 'dataset_flickr30k.json'), 'w') as f:
+    json.dump({'images': flickr}, f)
 
 
 def make_fixture(root: str, *, num_images: int = 512, regions: int = 36,
                  feature_dim: int = 2048, soft_label_dim: int = 0,
-                 compression: str = 'uncompressed'):
-  """Builds (once) the synthetic base-shaped `coco_karpathy`; returns (builder, tokenizer).
+                 compression: str = 'uncompressed', dataset: str = 'coco_karpathy'):
+  """Builds (once) the synthetic base-shaped `dataset` (`coco_karpathy` or
+  `flickr30k_karpathy`); returns (builder, tokenizer).
 
   `compression` is the records' array_record compression ('' = tfds' default).
   """
   from vlp.data import prepare  # the builders pull in tfds; keep `measure` light
   manual = os.path.join(root, 'manual')
-  if not os.path.exists(os.path.join(manual, 'dataset_coco.json')):
+  if not os.path.exists(os.path.join(manual, 'dataset_flickr30k.json')):
     write_fixture(manual, num_images=num_images, regions=regions, feature_dim=feature_dim,
                   soft_label_dim=soft_label_dim)
+  options = dict(test_fold_size=0) if dataset == 'coco_karpathy' else {}
   builder, _ = prepare.prepare(
-      'coco_karpathy', manual_dir=manual, data_dir=os.path.join(root, 'data'),
+      dataset, manual_dir=manual, data_dir=os.path.join(root, 'data'),
       soft_label_dim=soft_label_dim, feature_dim=feature_dim, min_bb=regions,
-      max_bb=regions, spm_vocab_size=200, test_fold_size=0, compression=compression)
+      max_bb=regions, spm_vocab_size=200, compression=compression, **options)
   return builder, Tokenizer(os.path.join(os.fspath(builder.data_dir), 'spm.model'))
+
+
+def make_mixture_fixture(root: str, **kw):
+  """`coco_karpathy` and `flickr30k_karpathy` fixtures over the same images
+  (`make_fixture` arguments); returns ([(builder, splits, weight)] 1:1, the COCO
+  tokenizer)."""
+  coco, tokenizer = make_fixture(root, **kw)
+  flickr, _ = make_fixture(root, dataset='flickr30k_karpathy', **kw)
+  return [(coco, ['train'], 1.0), (flickr, ['train'], 1.0)], tokenizer
 
 
 def main(argv):

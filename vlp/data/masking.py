@@ -153,7 +153,8 @@ def make_mlm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
 
 def make_mrm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
                    max_predictions: int, prob: float = 0.15,
-                   stats: MutableMapping[str, int] | None = None) -> dict:
+                   stats: MutableMapping[str, int] | None = None,
+                   inplace: bool = False) -> dict:
   """Masked region modelling: masks region features only.
 
   Every real region is selected with `prob` (no 80/10/10); an image with no
@@ -166,6 +167,8 @@ def make_mrm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
     max_predictions: Pr, prediction slots per example (the cap).
     prob: selection probability.
     stats: optional counters; adds `mrm_capped`.
+    inplace: zero the masked regions in `batch['img_feat']` itself instead of a
+      copy (a batch built for this call: saves copying the largest array).
 
   Returns:
     New batch with zeroed `img_feat` plus `img_masked [B,K] bool`,
@@ -185,8 +188,6 @@ def make_mrm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   kept, positions, weights = _keep_capped(selected, u, max_predictions)
   _bump(stats, 'mrm_capped', selected.sum() - kept.sum())
 
-  masked_feat = feat.copy()
-  masked_feat[kept] = 0
   # Targets of the used slots only (about 40% of them): numpy's float16 -> float32
   # cast costs ~4 ns per value, the largest cost of an MRM batch otherwise.
   used = weights > 0
@@ -196,6 +197,8 @@ def make_mrm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   labels = np.asarray(batch['soft_labels'])
   mrc_target = np.zeros(positions.shape + labels.shape[2:], np.float32)
   mrc_target[used] = labels[used_rows, used_pos]
+  masked_feat = feat if inplace else feat.copy()  # after the targets: they read it
+  masked_feat[kept] = 0
   out = dict(batch)
   out['img_feat'] = masked_feat
   out['img_masked'] = kept
@@ -240,7 +243,8 @@ def check_itm_options(negatives: str, neg_prob: float) -> None:
 
 def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
                    neg_prob: float = 0.5, negatives: str = 'random',
-                   stats: MutableMapping[str, int] | None = None) -> dict:
+                   stats: MutableMapping[str, int] | None = None,
+                   inplace: bool = False) -> dict:
   """Image-text matching: pairs captions with images that do not match them.
 
   `negatives='random'` (the reference's sampler): each real example independently
@@ -267,6 +271,9 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   negatives nor partners, and a negative without any partner of another image_id
   stays positive and is counted in `stats['itm_no_negative']`.
 
+  `inplace`: overwrite only the changed rows of `batch`'s own arrays (a batch built
+  for this call) instead of gathering new ones; the result is the same.
+
   Returns:
     New batch with swapped image fields and `itm_target [B] int32` (1 = match).
   """
@@ -276,7 +283,7 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   b = image_id.shape[0]
   usable = np.asarray(batch.get('example_mask', np.ones(b, bool)), bool)
   if negatives == 'balanced':
-    return _balanced_itm_batch(batch, rng, image_id, usable, stats)
+    return _balanced_itm_batch(batch, rng, image_id, usable, stats, inplace)
   if negatives == 'hardest':
     return dict(batch, itm_target=np.ones(b, np.int32))
   negative = (rng.random(b) < neg_prob) & usable
@@ -286,12 +293,22 @@ def make_itm_batch(batch: Mapping[str, np.ndarray], rng: np.random.Generator, *,
   source = np.where(negative, partner, np.arange(b))
   out = dict(batch)
   for key in ITM_IMAGE_KEYS:
-    out[key] = np.asarray(batch[key])[source]
+    out[key] = _take_rows(np.asarray(batch[key]), source, np.flatnonzero(negative), inplace)
   out['itm_target'] = (~negative).astype(np.int32)
   return out
 
 
-def _balanced_itm_batch(batch, rng, image_id, usable, stats) -> dict:
+def _take_rows(array: np.ndarray, source: np.ndarray, changed: np.ndarray,
+               inplace: bool) -> np.ndarray:
+  """`array[source]`; in place, only the `changed` rows are gathered and written (the
+  right-hand side is read before any row is overwritten)."""
+  if not inplace:
+    return array[source]
+  array[changed] = array[source[changed]]
+  return array
+
+
+def _balanced_itm_batch(batch, rng, image_id, usable, stats, inplace) -> dict:
   b = image_id.shape[0]
   real = np.flatnonzero(usable)
   half = len(real) // 2
@@ -313,7 +330,8 @@ def _balanced_itm_batch(batch, rng, image_id, usable, stats) -> dict:
   image_source = text_source.copy()
   image_source[copies] = np.where(found, anchors[partner], anchors)
   # One gather per field: image fields (img_feat is the largest) by image_source.
-  out = {k: np.asarray(v)[image_source if k in ITM_IMAGE_KEYS else text_source]
+  out = {k: _take_rows(np.asarray(v), image_source if k in ITM_IMAGE_KEYS else text_source,
+                       copies, inplace)
          for k, v in batch.items()}
   target = np.ones(b, np.int32)
   target[copies] = (~found).astype(np.int32)

@@ -14,14 +14,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from vlp.data.batching import Batcher, BatchSpec, shard_range
+from vlp.data.batching import Batcher, BatchSpec, classes_for, shard_range
 from vlp.data.examples import PairIndex
-from vlp.data.image_records import NUM_CAPTIONS, ImageRecords
+from vlp.data import mixture
+from vlp.data.image_records import NUM_CAPTIONS, ConcatRecords, ImageRecords
 from vlp.data.streams import EvalDataset, TrainIterator, train_iterator
 from vlp.data.tokenizer import Tokenizer
 
 __all__ = ['BatchSpec', 'TrainIterator', 'EvalDataset', 'make_train_iterator',
-           'make_eval_dataset', 'load_retrieval_gallery']
+           'make_mixture_iterator', 'open_splits', 'make_eval_dataset',
+           'load_retrieval_gallery']
 
 
 def make_train_iterator(builder, spec: BatchSpec, *, tokenizer: Tokenizer,
@@ -39,20 +41,55 @@ def make_train_iterator(builder, spec: BatchSpec, *, tokenizer: Tokenizer,
     kind_for_index: batch index -> 'mlm' | 'mrm' | 'itm' (None: plain batches). Must
       be picklable when `worker_count > 0`.
     seed: data seed (shuffling and masking); a non-negative int.
-    split: split to read.
+    split: split to read (`a+b`: several, read as one list of images).
     process_index, process_count: this data shard and the number of shards.
     start_index, worker_count, num_threads, prefetch: as
       `vlp.data.streams.train_iterator`.
   """
-  images = ImageRecords(builder, split, spec.feature_dim)
-  lo, hi = shard_range(len(images), process_index, process_count)
-  if hi <= lo:
-    raise ValueError(f'split {split!r} of {images.name} has {len(images)} images: too few '
-                     f'for {process_count} processes')
-  return train_iterator(Batcher(images, spec, tokenizer, PairIndex(lo, hi)), seed=seed,
-                        process_index=process_index, kind_for_index=kind_for_index,
-                        start_index=start_index, worker_count=worker_count,
-                        num_threads=num_threads, prefetch=prefetch)
+  return make_mixture_iterator(
+      [(builder, split.split('+'), 1.0)], spec, tokenizer=tokenizer,
+      kind_for_index=kind_for_index, seed=seed, process_index=process_index,
+      process_count=process_count, start_index=start_index, worker_count=worker_count,
+      num_threads=num_threads, prefetch=prefetch)
+
+
+def make_mixture_iterator(parts: Sequence[tuple], spec: BatchSpec, *, tokenizer: Tokenizer,
+                          kind_for_index: Callable[[int], str] | None, seed: int,
+                          process_index: int = 0, process_count: int = 1,
+                          start_index: int = 0, worker_count: int = 0, num_threads: int = 2,
+                          prefetch: int = 4, name: str | None = None) -> TrainIterator:
+  """The training iterator of a data shard over a mixture (vlp.data.mixture).
+
+  `parts` are `(builder, splits, weight)`: each part's splits are read as one list
+  of images, of which data shard `process_index` takes a contiguous slice; the
+  shard's stream deals its positions to the parts in proportion to the weights.
+  One part is exactly `make_train_iterator` over it. `name` (e.g. the config's
+  `config.data`) is kept in the stream state; the other arguments are those of
+  `make_train_iterator`.
+  """
+  slices = []
+  for builder, splits, _ in parts:
+    images = open_splits(builder, list(splits), spec.feature_dim)
+    lo, hi = shard_range(len(images), process_index, process_count)
+    if hi <= lo:
+      raise ValueError(f'split {images.split!r} of {images.name} has {len(images)} images: '
+                       f'too few for {process_count} processes')
+    slices.append((images, lo, hi))
+  # One C for every part: parts without soft labels get zeros where others have some.
+  classes = classes_for(spec, [images.num_classes for images, _, _ in slices])
+  batchers = [Batcher(images, spec, tokenizer, PairIndex(lo, hi), num_classes=classes)
+              for images, lo, hi in slices]
+  return train_iterator(batchers, seed=seed, process_index=process_index,
+                        kind_for_index=kind_for_index, start_index=start_index,
+                        worker_count=worker_count, num_threads=num_threads,
+                        prefetch=prefetch,
+                        shares=mixture.integer_shares([w for _, _, w in parts]), name=name)
+
+
+def open_splits(builder, splits: Sequence[str], feature_dim: int):
+  """The image records of `splits` of a builder, as one list (see ConcatRecords)."""
+  images = [ImageRecords(builder, s, feature_dim) for s in splits]
+  return images[0] if len(images) == 1 else ConcatRecords(images)
 
 
 def make_eval_dataset(builder, spec: BatchSpec, *, tokenizer: Tokenizer,

@@ -2,6 +2,8 @@ r"""Builds a dataset from public files: `python -m vlp.data.prepare`.
 
   python -m vlp.data.prepare --dataset=coco_karpathy --manual_dir=/data/manual/coco \
       --data_dir=/data/tfds --features=tsv:/data/butd/trainval_36 [--skip_bad]
+  python -m vlp.data.prepare --dataset=vg_captions --manual_dir=/data/manual/vg \
+      --data_dir=/data/tfds --features=lmdb:/data/uniter/img_db/vg
 
 Datasets: coco_karpathy, flickr30k_karpathy, vg_captions, vqa_v2, refcoco,
 refcoco_plus, refcocog (each builder's MANUAL_DOWNLOAD_INSTRUCTIONS say which
@@ -23,9 +25,10 @@ from absl import app, flags
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vlp import storage
 from vlp.data import builders
 from vlp.data.builders import region_base
-from vlp.data.features import BadInput, default_spec, source_format
+from vlp.data.features import BadInput, BuildReport, LmdbFeatures, default_spec, source_format
 
 
 def define_flags() -> None:
@@ -34,7 +37,7 @@ def define_flags() -> None:
   flags.DEFINE_enum('dataset', None, sorted(builders.BUILDERS), 'Dataset to build.')
   flags.DEFINE_string('manual_dir', None, 'Directory with the public files.')
   flags.DEFINE_string('data_dir', None, 'tfds data directory to write.')
-  flags.DEFINE_string('features', None, 'tsv:PATH | npz:DIR | npy:DIR '
+  flags.DEFINE_string('features', None, 'tsv:PATH | npz:DIR | npy:DIR | lmdb:DIR '
                       '(default: <manual_dir>/features/).')
   flags.DEFINE_enum('feature_dtype', 'float16', ['float16', 'float32'],
                     'Storage dtype of features and soft labels.')
@@ -72,12 +75,19 @@ def _parse_option(text: str, defaults: dict):
 
 def _stored_soft_label_dim(feature_spec: str | None, tsv_fields) -> int:
   """Soft-label classes the source has: npz/npy from the first file that has
-  them, a TSV 1601 if it names a `cls_prob` column; else 0."""
+  them, an image DB from its first entry, a TSV 1601 if it names a `cls_prob`
+  column; else 0."""
   if not feature_spec:
     return 0
   fmt, path = source_format(feature_spec), feature_spec.partition(':')[2]
   if fmt == 'tsv':
     return region_base.DETECTOR_CLASSES if 'cls_prob' in (tsv_fields or ()) else 0
+  if fmt == 'lmdb':
+    source = LmdbFeatures(path, report=BuildReport())
+    try:
+      return source.soft_label_dim()
+    finally:
+      source.close()
   names = sorted(os.listdir(path)) if os.path.isdir(path) else []
   if fmt == 'npz':
     first = next((n for n in names if n.endswith('.npz')), None)
@@ -112,7 +122,8 @@ def prepare(dataset: str, *, manual_dir: str, data_dir: str, features: str | Non
     dataset: a name of `vlp.data.builders.BUILDERS`.
     manual_dir: directory with the public files (see MANUAL_DOWNLOAD_INSTRUCTIONS).
     data_dir: tfds data directory.
-    features: `tsv:PATH`, `npz:DIR` or `npy:DIR` (None: `<manual_dir>/features/`).
+    features: `tsv:PATH`, `npz:DIR`, `npy:DIR` or `lmdb:DIR` (None:
+      `<manual_dir>/features/`).
     soft_label_dim: stored soft-label classes (None: what the source has: the
       first npz/npy file's, 1601 for a TSV with cls_prob, else 0).
     image_sizes, tsv_fields, skip_bad, compression: see `region_base.BuildOptions`.
@@ -121,6 +132,15 @@ def prepare(dataset: str, *, manual_dir: str, data_dir: str, features: str | Non
       and builder fields such as num_answers).
   """
   manual_dir = os.fspath(manual_dir)
+  inputs = [('manual_dir', manual_dir), ('data_dir', data_dir)]
+  inputs += [('features', p) for p in (features or '').partition(':')[2].split(',') if p]
+  for name, path in inputs:
+    if not storage.is_local(path):
+      raise ValueError(
+          f'--{name}={path}: preparing reads and writes local files only (array_record '
+          'writes local files); prepare into a local --data_dir, copy its '
+          f'{dataset}/ folder to the object store (e.g. gcloud storage cp -r), and '
+          'train with config.data_dir on the object store: vlp stages it to local disk')
   spec = features or default_spec(manual_dir)
   cfg = make_config(dataset, feature_spec=spec, soft_label_dim=soft_label_dim,
                     tsv_fields=tsv_fields, **fields)

@@ -11,6 +11,7 @@ import json
 import os
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from vlp.data.builders import vlp_scenes
 
@@ -67,7 +68,7 @@ def prepare_scenes(data_dir: str | os.PathLike, *, feature_dim: int = 64,
   if builder.has_tasks:
     needed.append(answers_path(builder))
     needed += [p for s in vlp_scenes.VQA_JSON_SPLITS for p in vqa_json_paths(builder, s)]
-  missing = [os.path.basename(p) for p in needed if not os.path.exists(p)]
+  missing = [epath.Path(p).name for p in needed if not epath.Path(p).exists()]
   if missing:
     raise FileNotFoundError(
         f'{builder.data_dir} holds vlp_scenes records but not {missing}; '
@@ -77,23 +78,22 @@ def prepare_scenes(data_dir: str | os.PathLike, *, feature_dim: int = 64,
 
 def tokenizer_path(builder: tfds.core.DatasetBuilder) -> str:
   """Path of the sentencepiece model stored with a prepared dataset."""
-  return os.path.join(os.fspath(builder.data_dir), vlp_scenes.SPM_FILENAME)
+  return os.fspath(epath.Path(builder.data_dir) / vlp_scenes.SPM_FILENAME)
 
 
 def answers_path(builder: tfds.core.DatasetBuilder) -> str:
   """Path of the VQA answer vocabulary (`answers.json`) stored with a prepared dataset."""
-  return os.path.join(os.fspath(builder.data_dir), vlp_scenes.ANSWERS_FILENAME)
+  return os.fspath(epath.Path(builder.data_dir) / vlp_scenes.ANSWERS_FILENAME)
 
 
 def answer_vocab(builder: tfds.core.DatasetBuilder) -> list[str]:
   """The answer list (label = position) of a prepared dataset with questions."""
   path = answers_path(builder)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f'{path} does not exist: {builder.info.full_name} has no VQA '
                             'answer vocabulary (vlp_scenes: version >= '
                             f'{vlp_scenes.TASKS_VERSION})')
-  with open(path) as f:
-    answers = json.load(f)
+  answers = json.loads(epath.Path(path).read_text())
   if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
     raise ValueError(f'{path}: expected a JSON list of answer strings')
   return answers
@@ -104,5 +104,5 @@ def vqa_json_paths(builder: tfds.core.DatasetBuilder, split: str) -> tuple[str, 
   if split not in vlp_scenes.VQA_JSON_SPLITS:
     raise ValueError(f'VQA JSON files exist for splits {vlp_scenes.VQA_JSON_SPLITS}, '
                      f'not {split!r}')
-  return tuple(os.path.join(os.fspath(builder.data_dir), name)
+  return tuple(os.fspath(epath.Path(builder.data_dir) / name)
                for name in vlp_scenes.vqa_json_filenames(split))

@@ -8,8 +8,10 @@ they are shuffled with a permutation drawn from (seed, shard, epoch, the index's
 shuffle tag), epochs follow each other seamlessly, forever. Batch i is built and
 optionally turned into a task batch (`kind_for_index(i)`) with a masking RNG
 drawn from (seed, i, shard) only, so batch i is a pure function of (seed, i):
-resuming means starting at index i. grain provides the parallelism: reader
-threads per process and optionally worker processes.
+resuming means starting at index i. With several batchers (the parts of a data
+mixture, vlp.data.mixture) the shard's stream positions are dealt to the parts in
+closed form, so this still holds. grain provides the parallelism: reader threads
+per process and optionally worker processes.
 
 Evaluation (`EvalDataset`): the index holds a whole split, cut into contiguous
 data shards; every shard gets the same number of batches, so every process runs
@@ -19,20 +21,19 @@ the same number of eval steps.
 from __future__ import annotations
 
 import sys
-import threading
 from typing import Callable, Sequence
 
 import grain
 import numpy as np
 
-from vlp.data.batching import Batcher, apply_kind, masking_rng, shuffle_rng
+from vlp.data.batching import Batcher, RecentCache, apply_kind, masking_rng, shuffle_rng
+from vlp.data.mixture import Interleave
 
 
-class EpochShuffle:
+class EpochShuffle(RecentCache):
   """Per-epoch permutations of `num` items, a pure function of (seed, shard, epoch, tag).
 
-  Base of the picklable batch functions that grain workers run: the lock and the
-  permutation cache are rebuilt after unpickling.
+  Base of the picklable batch functions that grain workers run.
   """
 
   def __init__(self, *, seed: int, process_index: int, num: int, tag: int):
@@ -40,35 +41,20 @@ class EpochShuffle:
       raise ValueError(f'the data seed must be a non-negative int, got {seed}')
     self.seed, self.process_index, self.num, self.tag = int(seed), process_index, int(num), tag
     self.stats: dict = {}
-    self._init_runtime()
-
-  def _init_runtime(self):
-    self._lock, self._perms = threading.Lock(), {}
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    del state['_lock'], state['_perms']
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._init_runtime()
+    super().__init__()
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    with self._lock:
-      perm = self._perms.get(epoch)
-      if perm is None:
-        rng = shuffle_rng(self.seed, self.process_index, epoch, self.tag)
-        perm = rng.permutation(self.num)
-        self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-        self._perms[epoch] = perm
-      return perm
+    return self._cached(epoch, lambda e: shuffle_rng(
+        self.seed, self.process_index, e, self.tag).permutation(self.num))
 
   def positions(self, index: int, batch_size: int) -> np.ndarray:
     """Item positions (in [0, num)) of batch `index`, epoch after epoch."""
-    pos = np.arange(index * batch_size, (index + 1) * batch_size, dtype=np.int64)
-    epochs, offsets = np.divmod(pos, self.num)
-    out = np.empty_like(pos)
+    return self.at(np.arange(index * batch_size, (index + 1) * batch_size, dtype=np.int64))
+
+  def at(self, ordinals: np.ndarray) -> np.ndarray:
+    """Item positions of the stream's `ordinals`-th items (epoch after epoch)."""
+    epochs, offsets = np.divmod(np.asarray(ordinals, np.int64), self.num)
+    out = np.empty_like(offsets)
     for e in np.unique(epochs):
       sel = epochs == e
       out[sel] = self._permutation(int(e))[offsets[sel]]
@@ -81,21 +67,50 @@ class EpochShuffle:
 
 
 class TrainBatchFn(EpochShuffle):
-  """Batch index -> batch of one data shard; picklable so grain workers can run it."""
+  """Batch index -> batch of one data shard; picklable so grain workers can run it.
 
-  def __init__(self, batcher: Batcher, *, seed: int, process_index: int,
-               kind_for_index: Callable[[int], str] | None = None):
-    self.batcher, self.kind_for_index = batcher, kind_for_index
-    super().__init__(seed=seed, process_index=process_index, num=len(batcher.index),
-                     tag=batcher.index.shuffle_tag)
+  With several batchers (the parts of a mixture, vlp.data.mixture) the shard's
+  stream positions are dealt to them by `Interleave(shares)`; part k shuffles its
+  own examples per epoch with the tag of its index plus k, so part 0 (and a
+  stream of one part) reads exactly what a stream over its batcher alone reads.
+  """
+
+  def __init__(self, batcher: Batcher | Sequence[Batcher], *, seed: int, process_index: int,
+               kind_for_index: Callable[[int], str] | None = None,
+               shares: Sequence[int] | None = None):
+    self.batchers = [batcher] if isinstance(batcher, Batcher) else list(batcher)
+    self.batcher, self.kind_for_index = self.batchers[0], kind_for_index
+    shares = [1] * len(self.batchers) if shares is None else list(shares)
+    if len(shares) != len(self.batchers):
+      raise ValueError(f'{len(shares)} mixture shares for {len(self.batchers)} batchers')
+    super().__init__(seed=seed, process_index=process_index, num=len(self.batcher.index),
+                     tag=self.batcher.index.shuffle_tag)
+    self.part_shuffles = [self] + [
+        EpochShuffle(seed=seed, process_index=process_index, num=len(b.index),
+                     tag=b.index.shuffle_tag + k) for k, b in enumerate(self.batchers) if k]
+    self.interleave = Interleave(shares, seed=seed, shard=process_index)
 
   def __call__(self, index: int) -> dict:
     stats: dict = {}
-    batch = self.batcher(self.positions(index, self.batcher.spec.batch_size), stats)
+    b = self.batcher.spec.batch_size
+    parts, own = self.interleave.locate(np.arange(index * b, (index + 1) * b, dtype=np.int64))
+    if len(self.batchers) == 1:
+      batch = self.batcher(self.at(own), stats)
+    else:  # pairs of every part, in row order, padded once
+      records, texts = [None] * b, [None] * b
+      for k in np.unique(parts):
+        rows = np.flatnonzero(parts == k)
+        examples = self.batchers[k].index
+        positions = self.part_shuffles[k].at(own[rows])
+        part_records = self.batchers[k].images.read(examples.image_rows(positions))
+        for row, record, text in zip(rows, part_records,
+                                     examples.texts_of(positions, part_records)):
+          records[row], texts[row] = record, text
+      batch = self.batcher.pairs(records, texts, b, stats)
     if self.kind_for_index is not None:
       batch = apply_kind(batch, self.kind_for_index(index),
                          masking_rng(self.seed, index, self.process_index),
-                         self.batcher.spec, self.batcher.token_ids, stats)
+                         self.batcher.spec, self.batcher.token_ids, stats, inplace=True)
     self.add_stats(stats)
     return batch
 
@@ -104,14 +119,16 @@ class TrainIterator:
   """Infinite iterator of batches with a checkpointable position.
 
   `get_state()` is `{'next_index': i}` (JSON-able): the stream is a pure function of
-  (seed, batch index), so restoring rebuilds the grain iterator at batch i.
+  (seed, batch index), so restoring rebuilds the grain iterator at batch i. A
+  stream given a `name` (a mixture's `config.data`) adds `'data': name`, and
+  refuses a state saved from another mixture.
   `stats` counts truncated texts and capped or impossible maskings (exact with
   `worker_count=0`; worker processes keep their own counts).
   """
 
   def __init__(self, fn: TrainBatchFn, *, start_index: int, num_threads: int,
-               prefetch: int, worker_count: int):
-    self._fn, self._threads, self._prefetch = fn, num_threads, prefetch
+               prefetch: int, worker_count: int, name: str | None = None):
+    self._fn, self._threads, self._prefetch, self.name = fn, num_threads, prefetch, name
     self._workers = worker_count
     self._it, self._next = None, int(start_index)
     self._restart()
@@ -147,9 +164,17 @@ class TrainIterator:
     return dict(self._fn.stats)
 
   def get_state(self) -> dict:
-    return {'next_index': self._next}
+    state = {'next_index': self._next}
+    if self.name is not None:
+      state['data'] = self.name
+    return state
 
   def set_state(self, state: dict) -> None:
+    saved = state.get('data')
+    if saved is not None and self.name is not None and saved != self.name:
+      raise ValueError(f'the checkpoint\'s data stream reads {saved!r}, this run '
+                       f'config.data={self.name!r}; resume with the same data (or start a '
+                       'new workdir)')
     self._next = int(state['next_index'])
     self._restart()
 
@@ -159,14 +184,16 @@ class TrainIterator:
     self._it = None
 
 
-def train_iterator(batcher: Batcher, *, seed: int, process_index: int,
+def train_iterator(batcher: Batcher | Sequence[Batcher], *, seed: int, process_index: int,
                    kind_for_index: Callable[[int], str] | None = None, start_index: int = 0,
-                   worker_count: int = 0, num_threads: int = 2,
-                   prefetch: int = 4) -> TrainIterator:
+                   worker_count: int = 0, num_threads: int = 2, prefetch: int = 4,
+                   shares: Sequence[int] | None = None,
+                   name: str | None = None) -> TrainIterator:
   """The infinite stream of data shard `process_index` over `batcher.index`.
 
   Args:
-    batcher: batches of the shard's examples (`spec.batch_size` rows).
+    batcher: batches of the shard's examples (`spec.batch_size` rows), or one
+      batcher per part of a mixture (the same spec and tokenizer).
     seed: data seed (shuffling and masking); a non-negative int.
     process_index: the data shard (seeds its shuffle and masking).
     kind_for_index: batch index -> 'mlm' | 'mrm' | 'itm' (None: plain batches). Must
@@ -175,11 +202,14 @@ def train_iterator(batcher: Batcher, *, seed: int, process_index: int,
     worker_count: grain worker processes (0: threads in this process only).
     num_threads: grain reader threads per process.
     prefetch: batches buffered per process.
+    shares: a mixture's parts' positions per period (`vlp.data.mixture`); None:
+      equal.
+    name: the data the stream reads, kept in its state (see `TrainIterator`).
   """
   fn = TrainBatchFn(batcher, seed=seed, process_index=process_index,
-                    kind_for_index=kind_for_index)
+                    kind_for_index=kind_for_index, shares=shares)
   return TrainIterator(fn, start_index=start_index, num_threads=num_threads,
-                       prefetch=prefetch, worker_count=worker_count)
+                       prefetch=prefetch, worker_count=worker_count, name=name)
 
 
 class EvalDataset:
@@ -233,7 +263,7 @@ class EvalDataset:
       example[:len(positions)] = positions
       batch['example_index'] = example  # before masking: ITM moves it with its text
       parts.append(apply_kind(batch, self.kind, masking_rng(self.seed, index, shard), spec,
-                              self.batcher.token_ids))
+                              self.batcher.token_ids, inplace=True))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def __iter__(self):

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 from tokenizers import Tokenizer as HfTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
@@ -60,7 +61,8 @@ def longest_run(flags) -> tuple[int, int]:
 
 
 class Tokenizer:
-  """Wraps a sentencepiece model file.
+  """Wraps a sentencepiece model file (local or on an object store: it is read as
+  bytes, since sentencepiece opens file names with the local file system only).
 
   Attributes:
     path: the model file.
@@ -75,9 +77,9 @@ class Tokenizer:
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
-    if not os.path.exists(self.path):
+    if not epath.Path(self.path).exists():
       raise FileNotFoundError(f'sentencepiece model {self.path!r} does not exist')
-    self._sp = spm.SentencePieceProcessor(model_file=self.path)
+    self._sp = spm.SentencePieceProcessor(model_proto=epath.Path(self.path).read_bytes())
     sp = self._sp
     self.vocab_size = int(sp.get_piece_size())
     self.pad_id = int(sp.pad_id())
@@ -149,10 +151,10 @@ class WordPieceTokenizer:
   def __init__(self, path: str | os.PathLike, *, lowercase: bool = False):
     self.path = os.fspath(path)
     self.lowercase = bool(lowercase)
-    if not os.path.exists(self.path):
+    if not epath.Path(self.path).exists():
       raise FileNotFoundError(f'WordPiece vocabulary {self.path!r} does not exist')
-    with open(self.path, encoding='utf-8') as f:
-      tokens = [line.rstrip('\r\n').strip() for line in f]
+    text = epath.Path(self.path).read_text(encoding='utf-8')  # Universal newlines.
+    tokens = [line.rstrip('\r\n').strip() for line in text.split('\n')]
     while tokens and not tokens[-1]:
       tokens.pop()
     if not tokens:

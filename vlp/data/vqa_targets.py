@@ -6,6 +6,7 @@ import collections
 import json
 
 import numpy as np
+from etils import epath
 
 from vlp.data.builders.vqa_answers import AnswerVocab, normalize
 
@@ -27,8 +28,7 @@ def answer_labels(answers: list[str]) -> dict[str, int]:
 def read_answer_vocab(path: str) -> list[str]:
   """The answer list (label = position) of a JSON file: {answer: label} with labels
   0..N-1 (UNITER's `ans2label.json`), or a list of answers."""
-  with open(path) as f:
-    raw = json.load(f)
+  raw = json.loads(epath.Path(path).read_text())  # Local or on an object store.
   if isinstance(raw, dict):
     labels = sorted(raw.values()) if all(isinstance(v, int) for v in raw.values()) else None
     if labels != list(range(len(raw))) or not all(isinstance(a, str) for a in raw):

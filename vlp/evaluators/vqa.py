@@ -48,6 +48,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from etils import epath  # Results files may be on an object store.
+
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
                 ">", "<", "@", "`", ",", "?", "!")
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
@@ -347,14 +349,12 @@ def write_results(path: str, question_ids: Sequence[int], answers: Sequence[str]
                        f"got {answer!r}")
     seen.add(qid)
     entries.append({"question_id": qid, "answer": answer})
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(entries, f)
+  epath.Path(path).write_text(json.dumps(entries), encoding="utf-8")
 
 
 def read_results(path: str) -> list[dict[str, Any]]:
   """Reads and checks an official results file (no duplicate question ids)."""
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
+  data = json.loads(epath.Path(path).read_text(encoding="utf-8"))
   if not isinstance(data, list):
     raise ValueError(f"{path}: expected a JSON list of results, got {type(data).__name__}")
   out, seen = [], set()

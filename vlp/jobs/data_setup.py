@@ -1,4 +1,7 @@
-"""What every job opens from its config: the dataset, its tokenizer, the model config."""
+"""What every job opens from its config: the dataset, its tokenizer, the model config.
+
+`config.data_dir` may be on an object store: the records are then read from a
+local copy (`vlp.data.staging`)."""
 
 from __future__ import annotations
 
@@ -6,37 +9,83 @@ import os
 
 import jax
 import ml_collections
-import tensorflow_datasets as tfds
+from etils import epath
 from jax.experimental import multihost_utils
 
-from vlp.data import scenes
-import vlp.data.builders  # noqa: F401  (registers the real-dataset builders)
+from vlp import storage
+from vlp.data import mixture, prepared, scenes, staging
 from vlp.data import tokenizer as tokenizer_lib
 from vlp.models.uniter_config import UniterConfig, model_config
 
 
 def open_builder(config: ml_collections.ConfigDict):
-  """The prepared tfds builder for `config.data` (vlp_scenes is built on demand)."""
-  if config.data == "vlp_scenes":
-    if jax.process_index() == 0:
-      builder = scenes.prepare_scenes(config.data_dir, feature_dim=config.feature_dim,
-                                      size=config.data_size)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("vlp_scenes prepared")
-    if jax.process_index() != 0:
-      builder = scenes.prepare_scenes(config.data_dir, feature_dim=config.feature_dim,
-                                      size=config.data_size)
-    return builder
-  try:
-    builder = tfds.builder(config.data, data_dir=config.data_dir)
-  except Exception as e:  # tfds raises several types for unknown names.
-    raise ValueError(f"config.data={config.data!r}: no such dataset under "
-                     f"config.data_dir={config.data_dir!r} ({e})") from e
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"dataset {config.data!r} is not prepared under {config.data_dir!r}; "
-        f"run `python -m vlp.data.prepare --dataset={config.data} ...` first")
-  return builder
+  """The prepared tfds builder of `config.data`, one dataset (`NAME` or `NAME/BUILD`;
+  vlp_scenes is built on demand), on local disk (a `config.data_dir` on an object
+  store is staged). Mixtures are for `open_mixture`."""
+  return _open_part(config, single_part(config))
+
+
+def single_part(config: ml_collections.ConfigDict) -> mixture.Part:
+  """The one dataset `config.data` names (an error for a mixture or splits)."""
+  parts = mixture.parse(config.data)
+  if len(parts) > 1 or ":" in config.data:
+    raise ValueError(f"config.data={config.data!r} is a mixture or names splits; this job "
+                     "reads one dataset (NAME or NAME/BUILD) and chooses its splits itself")
+  return parts[0]
+
+
+def open_mixture(config: ml_collections.ConfigDict, *, default_split: str = "train"):
+  """`[(part, builder)]` of the datasets and splits `config.data` mixes
+  (`vlp.data.mixture`; one dataset is a mixture of one part)."""
+  parts = mixture.parse(config.data, default_split=default_split)
+  builders = {}
+  for part in parts:  # each dataset once, however many parts read it
+    key = (part.dataset, part.config)
+    if key not in builders:
+      builders[key] = _open_part(config, part)
+  return [(part, builders[(part.dataset, part.config)]) for part in parts]
+
+
+def _open_part(config: ml_collections.ConfigDict, part: mixture.Part):
+  if part.dataset != "vlp_scenes":
+    return staging.stage(lambda d: prepared_builder(config, d, "data_dir", part),
+                         config.data_dir, config.data_cache_dir)
+  if part.config:
+    raise ValueError(f"config.data={config.data!r}: vlp_scenes takes no build name; its "
+                     "build follows config.feature_dim and config.data_size")
+  if jax.process_index() == 0:
+    _prepare_scenes(config)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("vlp_scenes prepared")
+  return staging.stage(lambda d: scenes.prepare_scenes(
+      d, feature_dim=config.feature_dim, size=config.data_size),
+                       config.data_dir, config.data_cache_dir)
+
+
+def _prepare_scenes(config: ml_collections.ConfigDict) -> None:
+  """Builds vlp_scenes under `config.data_dir` unless it is there. tfds writes
+  array_record files locally only, so for an object store it is built in the
+  local cache and uploaded."""
+  prepare = lambda d: scenes.prepare_scenes(d, feature_dim=config.feature_dim,
+                                            size=config.data_size)
+  if storage.is_local(config.data_dir):
+    prepare(config.data_dir)
+    return
+  remote = scenes.scenes_builder(config.data_dir, feature_dim=config.feature_dim,
+                                 size=config.data_size)
+  if not remote.is_prepared():
+    local = prepare(staging.cache_for(config.data_dir, config.data_cache_dir))
+    staging.copy_tree(os.fspath(local.data_dir), os.fspath(remote.data_dir))
+
+
+def prepared_builder(config: ml_collections.ConfigDict, data_dir: str, key: str,
+                     part: mixture.Part | None = None, *, any_build: bool = False):
+  """The prepared build of `part` (default: the dataset `config.data` names) under
+  `data_dir` (named `config.<key>` in errors): `NAME/BUILD` that build, `NAME` (or
+  `any_build`) the one build there (`vlp.data.prepared.open_prepared`)."""
+  part = part or single_part(config)
+  return prepared.open_prepared(part.dataset, "" if any_build else part.config, data_dir,
+                                key=key)
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, builder, *, init_from: str) -> str:
@@ -58,13 +107,13 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, builder, *,
   RefCOCO builds store none. A vocab.txt named only by `config.tokenizer` is taken as
   cased (UNITER's bert-base-cased); an uncased one comes through `init_from`."""
   # Absolute, since checkpoints record it for later runs (vlp.jobs.base.model_info).
-  requested = os.path.abspath(config.tokenizer) if config.tokenizer else ""
+  requested = storage.absolute(config.tokenizer) if config.tokenizer else ""
   if init_from:
     from vlp import pretrained  # Only when needed: it pulls in orbax.
     found = pretrained.tokenizer_of(init_from)
     if found:
       path, lowercase = found
-      if not os.path.exists(path):
+      if not epath.Path(path).exists():
         if requested:  # The checkpoint's file is on another machine: trust the copy.
           return requested, lowercase
         raise FileNotFoundError(
@@ -79,11 +128,12 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, builder, *,
       return path, lowercase
   if requested:
     return requested, False
-  if config.data == "vlp_scenes":
-    return scenes.tokenizer_path(builder), False
-  stored = os.path.join(os.fspath(builder.data_dir), "spm.model")
-  if os.path.exists(stored):
-    return stored, False
+  # Named by the data_dir itself, also where the records were staged (recorded
+  # paths must name the shared copy, not one host's cache).
+  stored = epath.Path(staging.origin(os.fspath(epath.Path(builder.data_dir) / "spm.model"),
+                                    config.data_dir, config.data_cache_dir))
+  if config.data == "vlp_scenes" or stored.exists():
+    return os.fspath(stored), False
   raise FileNotFoundError(
       f"config.data={config.data!r} ({builder.data_dir}) stores no tokenizer (spm.model)"
       + (f" and config.init_from={init_from!r} names none"
@@ -93,13 +143,14 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, builder, *,
 
 
 def same_file(a: str, b: str) -> bool:
-  """Whether two tokenizer files are one file or hold the same bytes."""
-  if os.path.realpath(a) == os.path.realpath(b):
+  """Whether two tokenizer files (local or on an object store) are one file or hold
+  the same bytes."""
+  if storage.is_local(a) and storage.is_local(b) and os.path.realpath(a) == os.path.realpath(b):
     return True
-  if not (os.path.isfile(a) and os.path.isfile(b)):
+  a, b = epath.Path(a), epath.Path(b)
+  if not (a.is_file() and b.is_file()):
     return False
-  with open(a, "rb") as fa, open(b, "rb") as fb:
-    return fa.read() == fb.read()
+  return a.read_bytes() == b.read_bytes()
 
 
 def open_tokenizer(config: ml_collections.ConfigDict, builder, *, init_from: str):

@@ -21,12 +21,12 @@ mean number kept, under "proposal_filter".
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import ml_collections
 import numpy as np
 
+from vlp import storage
 from vlp.evaluators import grounding as grounding_eval
 from vlp.jobs import base, data_setup, eval_batches
 from vlp.jobs.base import EvalContext, Feed, Job
@@ -147,7 +147,7 @@ def evaluate_grounding(params, ctx: EvalContext, *, data: TaskData) -> dict:
   if ctx.config.proposal_filter.keep > 0:
     datasets = {split: data.eval_dataset(split, rows, data.builder) for split in splits}
     out["proposal_filter"] = _filtered(params, ctx, rows, datasets, main, report[main])
-  out["predictions_file"] = os.path.join(ctx.workdir, "grounding_predictions.json")
+  out["predictions_file"] = storage.join(ctx.workdir, "grounding_predictions.json")
   metrics_lib.write_json(out["predictions_file"], predictions)
   out["eval_seconds"] = time.perf_counter() - t0
   return out

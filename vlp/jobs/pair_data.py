@@ -1,7 +1,9 @@
 """Image-caption pair data of one process: pretraining and retrieval fine-tuning.
 
-Hands out the train iterator of this process's data shards (`vlp.data.shards`),
-fixed validation batches per batch kind, and the retrieval gallery.
+Hands out the train iterator of this process's data shards (`vlp.data.shards`)
+over the datasets and splits `config.data` mixes (`vlp.data.mixture`), fixed
+validation batches per batch kind, and the retrieval gallery (these two from the
+first dataset of the mixture).
 """
 
 from __future__ import annotations
@@ -32,16 +34,27 @@ class PairData:
     self.config = config
     self.num_shards = feed.num_shards
     self.shards = shards_lib.shards_for_rows(feed.rows, config.batch_size, self.num_shards)
-    self.builder = data_setup.open_builder(config)
+    self.parts = data_setup.open_mixture(config)
+    self.builder = self.parts[0][1]  # validation and the gallery: the first dataset's
     self.tokenizer = data_setup.open_tokenizer(config, self.builder, init_from=init_from)
     self.spec = BatchSpec.from_config(config, config.batch_size // self.num_shards,
                                       masked=masked)
+    # What the stream reads, as resolved (builds and weights), kept in its state.
+    self.name = ",".join(f"{b.info.name}/{b.builder_config.name}:{'+'.join(p.splits)}"
+                         f"={p.weight:g}" for p, b in self.parts)
+
+  def lacking(self, field: str) -> list[str]:
+    """The datasets and splits of the train data whose records lack `field`
+    (e.g. `soft_labels`, the detector class distributions of MRC / MRC-kl)."""
+    return [f"{b.info.full_name}:{'+'.join(p.splits)} ({b.data_dir})" for p, b in self.parts
+            if field not in b.info.features]
 
   def train_iterator(self, kind_for_index, start_index: int = 0):
-    its = [pipeline.make_train_iterator(
-        self.builder, self.spec, tokenizer=self.tokenizer, kind_for_index=kind_for_index,
-        seed=self.config.seed, process_index=shard, process_count=self.num_shards,
-        start_index=start_index, worker_count=self.config.data_workers)
+    its = [pipeline.make_mixture_iterator(
+        [(b, p.splits, p.weight) for p, b in self.parts], self.spec,
+        tokenizer=self.tokenizer, kind_for_index=kind_for_index, seed=self.config.seed,
+        process_index=shard, process_count=self.num_shards, start_index=start_index,
+        worker_count=self.config.data_workers, name=self.name)
            for shard in self.shards]
     return its[0] if len(its) == 1 else shards_lib.ShardedIterator(its)
 

@@ -29,6 +29,15 @@ def make_pretrain_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
   unknown = sorted(set(names) - set(TASKS))
   if unknown:
     raise ValueError(f"config.tasks names unknown task(s) {unknown}; known: {sorted(TASKS)}")
+  for name in names:
+    for field in TASKS[name].record_fields:
+      lacking = data.lacking(field)
+      if lacking:
+        raise ValueError(
+            f"task {name!r} (config.tasks.{name}={config.tasks[name]}) needs the records' "
+            f"{field!r}, which {', '.join(lacking)} lacks: prepare the data from features "
+            f"that carry them (e.g. --features=lmdb: UNITER's image DBs, or npz with "
+            f"soft_labels) or set --config.tasks.{name}=0")
   weights = loss_weights(config, names, TASKS)
   return Job(
       data=data,

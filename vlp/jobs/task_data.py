@@ -15,9 +15,8 @@ import functools
 import os
 
 import ml_collections
-import tensorflow_datasets as tfds
 
-from vlp.data import downstream, shards as shards_lib, vqa_targets
+from vlp.data import downstream, shards as shards_lib, staging, vqa_targets
 from vlp.data.batching import BatchSpec
 from vlp.jobs import data_setup
 from vlp.jobs.base import Feed
@@ -87,13 +86,6 @@ class TaskData:
     if self.layout != "examples":
       raise ValueError(f"config.det_data_dir is for the refcoco builders; config.data="
                        f"{self.config.data!r} has no detected-region build")
-    try:
-      builder = tfds.builder(self.config.data, data_dir=det_dir)
-    except Exception as e:  # tfds raises several types for unknown names.
-      raise ValueError(f"config.det_data_dir={det_dir!r}: no {self.config.data!r} build there "
-                       f"({e})") from e
-    if not builder.is_prepared():
-      raise FileNotFoundError(f"config.det_data_dir={det_dir!r}: {self.config.data!r} is not "
-                              "prepared there (build it with `python -m vlp.data.prepare` "
-                              "from detector features)")
-    return builder
+    return staging.stage(
+        lambda d: data_setup.prepared_builder(self.config, d, "det_data_dir", any_build=True),
+        det_dir, self.config.data_cache_dir)

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
+from vlp import storage
 from vlp.data import downstream, scenes
 from vlp.evaluators import vqa as vqa_eval
 from vlp.jobs import base, data_setup, eval_batches
@@ -68,7 +69,7 @@ def evaluate_vqa(params, ctx: EvalContext, *, data: TaskData) -> dict:
     labels.append(np.asarray(pred)[keep])
   qids, labels = np.concatenate(qids), np.concatenate(labels)
   answers = [data.answers[i] for i in labels]
-  path = os.path.join(ctx.workdir, f"vqa_results_{split}.json")
+  path = storage.join(ctx.workdir, f"vqa_results_{split}.json")
   if jax.process_index() == 0:
     vqa_eval.write_results(path, qids, answers)
   out = {"step": ctx.step, "split": split, "results_file": path}
@@ -98,5 +99,4 @@ def evaluate_vqa(params, ctx: EvalContext, *, data: TaskData) -> dict:
 
 
 def _load(path):
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(epath.Path(path).read_text())

@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from vlp import checkpoint as ckpt_lib
+from vlp import storage
 from vlp.data.tokenizer import open_tokenizer, tokenizer_type
 from vlp.models.uniter_config import UniterConfig
 from vlp.pretrained.heads import head_options, heads_of, model_factory
@@ -33,7 +34,7 @@ TOKENIZER_FILES = {'sentencepiece': 'spm.model', 'wordpiece': 'vocab.txt'}
 
 def is_pretrained_dir(path: str) -> bool:
   """Whether `path` holds a pretrained directory's config.json."""
-  return os.path.exists(os.path.join(path, CONFIG_FILE))
+  return (epath.Path(path) / CONFIG_FILE).exists()
 
 
 def save_pretrained(out_dir: str, params: Mapping, cfg: UniterConfig, *,
@@ -52,15 +53,16 @@ def save_pretrained(out_dir: str, params: Mapping, cfg: UniterConfig, *,
   Returns:
     The config.json contents.
   """
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save  # To bytes: its save_file writes local files only.
   heads = heads_of(params)
   options = head_options(params)
   check_shapes(abstract_params(model_factory(cfg, heads, options)), params,
                'parameter tree')
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(os.path.join(out_dir, CHECKPOINT_DIR)):
+  out_dir = storage.absolute(out_dir)
+  out = epath.Path(out_dir)
+  if (out / CHECKPOINT_DIR).exists():
     raise FileExistsError(f'{out_dir} already holds a checkpoint; choose an empty --out')
-  os.makedirs(out_dir, exist_ok=True)
+  out.mkdir(parents=True, exist_ok=True)
   tok = None
   if tokenizer:
     kind = tokenizer_type(tokenizer)
@@ -70,20 +72,19 @@ def save_pretrained(out_dir: str, params: Mapping, cfg: UniterConfig, *,
                        f'{cfg.vocab_size} word embeddings')
     tok = dict(type=kind, file=TOKENIZER_FILES[kind], lowercase=bool(lowercase),
                vocab_size=vocab)
-    shutil.copyfile(tokenizer, os.path.join(out_dir, tok['file']))
+    storage.copy_file(tokenizer, out / tok['file'])
   config = dict(format=FORMAT, format_version=FORMAT_VERSION,
                 model_config=dataclasses.asdict(cfg), heads=list(heads),
                 head_options=options, tokenizer=tok, source=dict(source or {}))
   host = jax.tree.map(np.asarray, dict(params))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, CHECKPOINT_DIR), save_every=1, keep=1,
+  ckpt = ckpt_lib.Checkpointer(storage.join(out_dir, CHECKPOINT_DIR), save_every=1, keep=1,
                                async_save=False)
   ckpt.save(0, host, config, force=True)
   ckpt.close()
-  save_file(torch_state_dict(host, cfg.num_layers, heads),
-            os.path.join(out_dir, SAFETENSORS_FILE),
-            metadata={'format': 'pt', 'vlp_heads': ','.join(heads)})
-  with open(os.path.join(out_dir, CONFIG_FILE), 'w') as f:
-    json.dump(config, f, indent=2)
+  (out / SAFETENSORS_FILE).write_bytes(
+      save(torch_state_dict(host, cfg.num_layers, heads),
+           metadata={'format': 'pt', 'vlp_heads': ','.join(heads)}))
+  (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
   return config
 
 
@@ -98,12 +99,11 @@ def config_from_dict(fields: Mapping[str, Any], **overrides) -> UniterConfig:
 
 def read_config(directory: str) -> dict:
   """config.json of a pretrained directory (checked to be one)."""
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(directory) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(f'{directory} is not a pretrained directory: no {CONFIG_FILE} '
                             '(write one with python -m vlp.export or vlp.tools.import_uniter)')
-  with open(path) as f:
-    config = json.load(f)
+  config = json.loads(path.read_text())
   if config.get('format') != FORMAT or config.get('format_version') != FORMAT_VERSION:
     raise ValueError(f'{path}: format {config.get("format")!r} version '
                      f'{config.get("format_version")!r}; expected {FORMAT!r} {FORMAT_VERSION}')
@@ -125,11 +125,11 @@ def load_pretrained(directory: str, *, sharding: jax.sharding.Sharding | None = 
     stored parameters, and its tokenizer (`Tokenizer`, `WordPieceTokenizer`, or
     None when the directory has none).
   """
-  directory = os.path.abspath(directory)
+  directory = storage.absolute(directory)
   config = read_config(directory)
   cfg = config_from_dict(config['model_config'], **overrides)
   make = model_factory(cfg, config['heads'], config.get('head_options'))
-  params, _, _ = ckpt_lib.restore_params(os.path.join(directory, CHECKPOINT_DIR), 0,
+  params, _, _ = ckpt_lib.restore_params(storage.join(directory, CHECKPOINT_DIR), 0,
                                          sharding=sharding)
   model = nnx.eval_shape(lambda: make(rngs=nnx.Rngs(0)))
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
@@ -139,6 +139,6 @@ def load_pretrained(directory: str, *, sharding: jax.sharding.Sharding | None = 
                            jax.tree.map(lambda t, x: x.astype(t.dtype), target, params))
   model = nnx.merge(graphdef, state, rest)
   tok = config.get('tokenizer')
-  tokenizer = (open_tokenizer(os.path.join(directory, tok['file']),
+  tokenizer = (open_tokenizer(storage.join(directory, tok['file']),
                               lowercase=tok.get('lowercase', False)) if tok else None)
   return model, tokenizer

@@ -12,12 +12,12 @@ the stored shapes before any array is read.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Mapping
 
 import jax
 
 from vlp import checkpoint as ckpt_lib
+from vlp import storage
 from vlp.models.downstream import UniterEncoder
 from vlp.models.uniter_config import UniterConfig
 from vlp.pretrained.directory import (CHECKPOINT_DIR, config_from_dict, is_pretrained_dir,
@@ -54,7 +54,7 @@ def locate(init_from: str) -> InitSource:
   """The checkpoint `init_from` names (see the module docstring)."""
   if is_pretrained_dir(init_from):
     config = read_config(init_from)
-    directory = os.path.join(init_from, CHECKPOINT_DIR)
+    directory = storage.join(init_from, CHECKPOINT_DIR)
     shapes, _, step = ckpt_lib.stored_params(directory, 0)
     return InitSource(directory, step, shapes, config_from_dict(config['model_config']),
                       config)
@@ -182,7 +182,7 @@ def tokenizer_of(init_from: str) -> tuple[str, bool] | None:
     tok = read_config(init_from).get('tokenizer') or {}
     if not tok.get('file'):
       return None
-    return (os.path.abspath(os.path.join(init_from, tok['file'])),
+    return (storage.absolute(storage.join(init_from, tok['file'])),
             bool(tok.get('lowercase', False)))
   directory = workdir_checkpoints(init_from)
   if directory is None:

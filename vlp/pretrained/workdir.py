@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
+from etils import epath
+
 from vlp import checkpoint as ckpt_lib
+from vlp import storage
 from vlp.models.uniter_config import UniterConfig, model_config
 from vlp.pretrained.directory import config_from_dict, save_pretrained
 
 
 def workdir_checkpoints(path: str) -> str | None:
   """The Checkpointer directory of a workdir (or the path itself), if it has steps."""
-  for d in (os.path.join(path, 'checkpoints'), path):
-    if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
-      return d
+  for d in (epath.Path(path) / 'checkpoints', epath.Path(path)):
+    if d.is_dir() and any(p.name.isdigit() for p in d.iterdir()):
+      return storage.absolute(d)
   return None
 
 
@@ -72,9 +74,9 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None,
   if not tokenizer:
     raise ValueError(f'the checkpoint in {ckpt_dir} does not name its tokenizer; '
                      'pass --tokenizer=PATH')
-  if not os.path.exists(tokenizer):
+  if not epath.Path(tokenizer).exists():
     raise FileNotFoundError(f'tokenizer {tokenizer} (named by the checkpoint) does not '
                             'exist here; pass --tokenizer=PATH')
   return save_pretrained(out_dir, params, cfg, tokenizer=tokenizer, lowercase=lowercase,
-                         source=dict(kind='export', workdir=os.path.abspath(workdir),
+                         source=dict(kind='export', workdir=storage.absolute(workdir),
                                      step=int(step)))

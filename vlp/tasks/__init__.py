@@ -33,17 +33,20 @@ class Task:
     batch_kind: the batch kind it consumes (a `vlp.data.masking` kind, or
       `vqa` / `re` (`vlp.data.downstream`) or `retrieval` for fine-tuning).
     loss_fn: `loss_fn(model, batch, rng, **hyper_parameters)`.
+    record_fields: record fields its targets come from, beyond text and regions
+      (MRC and MRC-kl: the detector's `soft_labels`); a job checks its data has them.
   """
   name: str
   batch_kind: str
   loss_fn: LossFn
+  record_fields: tuple[str, ...] = ()
 
 
 TASKS: dict[str, Task] = {
     "mlm": Task("mlm", "mlm", mlm_loss),
     "mrfr": Task("mrfr", "mrm", mrfr_loss),
-    "mrc": Task("mrc", "mrm", mrc_loss),
-    "mrckl": Task("mrckl", "mrm", mrckl_loss),
+    "mrc": Task("mrc", "mrm", mrc_loss, record_fields=("soft_labels",)),
+    "mrckl": Task("mrckl", "mrm", mrckl_loss, record_fields=("soft_labels",)),
     "itm": Task("itm", "itm", itm_loss),
     # Fine-tuning (docs/design.md "Fine-tuning objectives"); batch kinds name the
     # downstream batches, not `vlp.data.masking` kinds.

@@ -11,8 +11,9 @@ full ranking, the dual encoder alone and two-stage retrieval at each k).
 from __future__ import annotations
 
 import json
-import os
 import sys
+
+from etils import epath
 
 _RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 _ROWS = (
@@ -34,11 +35,10 @@ _K_PREFIX = "two_stage_k"  # eval keys two_stage_k<k>, one per k (vlp/jobs/retri
 
 def two_stage_table(workdir: str) -> str | None:
   """Full ranking vs dual encoder vs two-stage, with pairs scored and seconds."""
-  path = os.path.join(workdir, _TWO_STAGE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / _TWO_STAGE
+  if not path.exists():
     return None
-  with open(path) as f:
-    ev = json.load(f)
+  ev = json.loads(path.read_text())
   total = ev["num_images"] * ev["num_captions"]
   lines = [f"two-stage retrieval, {ev['num_images']} images x {ev['num_captions']} captions "
            f"({total} pairs)",
@@ -58,12 +58,11 @@ def two_stage_table(workdir: str) -> str | None:
 def table(workdir: str) -> str:
   lines = [f"{'stage':28s} metric values (percent unless *_acc of pretraining)"]
   for name, rel, keys in _ROWS:
-    path = os.path.join(workdir, rel)
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / rel
+    if not path.exists():
       lines.append(f"{name:28s} missing ({path})")
       continue
-    with open(path) as f:
-      ev = json.load(f)
+    ev = json.loads(path.read_text())
     lines.append(f"{name:28s} " + "  ".join(
         f"{k}={ev[k]:.3g}" for k in keys if isinstance(ev.get(k), (int, float))))
   lines.append(_NOTE)

@@ -38,14 +38,17 @@ with ``--config.init_from=DIR`` (the tokenizer follows it).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import pickle
 import re
 import sys
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
+
+from vlp import storage
 
 # Reference fine-tuning heads with no vlp counterpart (nlvr2.py, vcr.py).
 UNSUPPORTED_HEADS = ('nlvr2_output', 'attn1', 'attn2', 'attn_pool', 'fc', 'vcr_output')
@@ -138,16 +141,17 @@ def uniter_config(json_config: Mapping[str, Any], *, img_dim: int = 2048,
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Numpy arrays of a ``.pt`` / ``.bin`` (torch) or ``.safetensors`` state dict."""
+  data = epath.Path(path).read_bytes()  # Local or on an object store.
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
+    from safetensors.numpy import load
+    return dict(load(data))
   try:
     import torch
   except ImportError as e:
     raise ImportError(f'reading {path} needs PyTorch: pip install "vlp[torch]" (or convert '
                       'the checkpoint to .safetensors elsewhere)') from e
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    obj = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     # torch's message suggests weights_only=False and allowlisting; keep only its reason.
     lines = [l.strip() for l in str(e).splitlines() if l.strip()] or ['']
@@ -324,19 +328,17 @@ def hf_folder(path: str) -> dict[str, Any]:
   (`HF_WEIGHTS`, the first present), ``model_config`` (config.json), ``vocab``
   (vocab.txt, or None) and ``lowercase`` (tokenizer_config.json's do_lower_case,
   or None when the folder does not say)."""
-  weights = [os.path.join(path, n) for n in HF_WEIGHTS if os.path.exists(os.path.join(path, n))]
-  model_config = os.path.join(path, 'config.json')
-  if not weights or not os.path.exists(model_config):
+  folder = epath.Path(path)
+  weights = [storage.join(path, n) for n in HF_WEIGHTS if (folder / n).exists()]
+  model_config = storage.join(path, 'config.json')
+  if not weights or not (folder / 'config.json').exists():
     raise FileNotFoundError(f'{path} is not a HuggingFace model folder: expected config.json '
                             f"and one of {', '.join(HF_WEIGHTS)}")
-  vocab = os.path.join(path, 'vocab.txt')
   lowercase = None
-  tok_config = os.path.join(path, 'tokenizer_config.json')
-  if os.path.exists(tok_config):
-    with open(tok_config) as f:
-      lowercase = json.load(f).get('do_lower_case')
-  return dict(weights=weights[0], model_config=model_config,
-              vocab=vocab if os.path.exists(vocab) else None, lowercase=lowercase)
+  if (folder / 'tokenizer_config.json').exists():
+    lowercase = json.loads((folder / 'tokenizer_config.json').read_text()).get('do_lower_case')
+  vocab = storage.join(path, 'vocab.txt') if (folder / 'vocab.txt').exists() else None
+  return dict(weights=weights[0], model_config=model_config, vocab=vocab, lowercase=lowercase)
 
 
 def import_checkpoint(checkpoint: str, model_config_path: str | None, out_dir: str, *,
@@ -357,7 +359,7 @@ def import_checkpoint(checkpoint: str, model_config_path: str | None, out_dir: s
   if vocab and tokenizer:
     raise ValueError('pass --vocab (WordPiece) or --tokenizer (sentencepiece), not both')
   weights = checkpoint
-  if os.path.isdir(checkpoint):
+  if epath.Path(checkpoint).is_dir():
     folder = hf_folder(checkpoint)
     weights = folder['weights']
     model_config_path = model_config_path or folder['model_config']
@@ -366,13 +368,12 @@ def import_checkpoint(checkpoint: str, model_config_path: str | None, out_dir: s
     lowercase = folder['lowercase'] if lowercase is None else lowercase
   if not model_config_path:
     raise ValueError(f'{checkpoint} is a file: pass its json model config (--model_config)')
-  with open(model_config_path) as f:
-    cfg, ignored_fields = uniter_config(json.load(f), img_dim=img_dim,
-                                        num_region_classes=num_region_classes)
+  cfg, ignored_fields = uniter_config(json.loads(epath.Path(model_config_path).read_text()),
+                                      img_dim=img_dim, num_region_classes=num_region_classes)
   params, summary = convert_state_dict(read_state_dict(weights), cfg,
                                        backbone_only=backbone_only, seed=seed)
-  source = dict(kind='import', checkpoint=os.path.abspath(weights),
-                model_config=os.path.abspath(model_config_path),
+  source = dict(kind='import', checkpoint=storage.absolute(weights),
+                model_config=storage.absolute(model_config_path),
                 ignored=sorted(summary.ignored))
   if summary.initialised:
     source.update(initialised=summary.initialised, seed=seed)
@@ -395,7 +396,7 @@ def main(config):
   except (CheckpointMismatchError, CheckpointReadError, ImportError, FileNotFoundError,
           ValueError) as e:
     sys.exit(f'error: {e}')
-  print(f'imported {f.checkpoint} -> {os.path.abspath(f.out)}')
+  print(f'imported {f.checkpoint} -> {storage.absolute(f.out)}')
   for line in summary.lines():
     print(line)
   if ignored_fields:

@@ -25,14 +25,16 @@ scored), and prints the table.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
 import time
 
 from absl import flags
+from etils import epath
 
-from vlp import entry
+from vlp import entry, storage
 
 _CONFIG = entry.config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/matching_protocol",
@@ -103,12 +105,11 @@ def run_mechanism(config, name: str, overrides: dict, workdir: str) -> tuple[dic
   from vlp import config_lib
   from vlp.train import loop
   from vlp.train import metrics as metrics_lib
-  done = os.path.join(workdir, DONE)
-  if os.path.exists(done):
-    with open(done) as f:
-      saved = json.load(f)
+  done = epath.Path(storage.join(workdir, DONE))
+  if done.exists():
+    saved = json.loads(done.read_text())
     return saved["eval"], saved["train_seconds"]
-  if os.path.exists(os.path.join(workdir, "checkpoints")):
+  if epath.Path(storage.join(workdir, "checkpoints")).exists():
     raise FileExistsError(f"{workdir} holds an unfinished run of {name!r}; the protocol "
                           "times training from scratch: remove it or pass another --workdir")
   cfg = copy.deepcopy(config)
@@ -118,7 +119,7 @@ def run_mechanism(config, name: str, overrides: dict, workdir: str) -> tuple[dic
   loop.train_and_evaluate(cfg, workdir)
   train_seconds = time.perf_counter() - t0
   out = loop.evaluate_checkpoint(cfg, workdir)
-  metrics_lib.write_json(done, {"eval": out, "train_seconds": train_seconds})
+  metrics_lib.write_json(os.fspath(done), {"eval": out, "train_seconds": train_seconds})
   return out, train_seconds
 
 
@@ -177,8 +178,10 @@ def write_chart(rows: list[dict], path: str, title: str) -> None:
   cost.set_title("accuracy against scoring cost")
   cost.legend(fontsize=7, ncol=2)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  png = io.BytesIO()  # matplotlib writes local files only; the workdir may be a URI.
+  fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
+  epath.Path(path).write_bytes(png.getvalue())
 
 
 def run_protocol(config, workdir: str, names: list[str]) -> dict:
@@ -186,12 +189,12 @@ def run_protocol(config, workdir: str, names: list[str]) -> dict:
   unknown = [n for n in names if n not in MECHANISMS]
   if unknown:
     raise ValueError(f"--mechanisms: unknown {unknown}; expected some of {list(MECHANISMS)}")
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   rows, sizes = [], None
   for name in names:
     label, overrides = MECHANISMS[name]
     metrics_lib.log(f"matching protocol: {name} ({label})")
-    out, train_seconds = run_mechanism(config, name, overrides, os.path.join(workdir, name))
+    out, train_seconds = run_mechanism(config, name, overrides, storage.join(workdir, name))
     sizes = (out["num_images"], out["num_captions"])
     rows.extend(rows_of(name, out, train_seconds))
   result = {
@@ -203,10 +206,9 @@ def run_protocol(config, workdir: str, names: list[str]) -> dict:
   if sizes:
     result["num_images"], result["num_captions"] = sizes
     result["chance"] = {f"r{k}": chance(*sizes, k) for k in (1, 5, 10)}
-  metrics_lib.write_json(os.path.join(workdir, f"{TABLE}.json"), result)
-  with open(os.path.join(workdir, f"{TABLE}.md"), "w") as f:
-    f.write(markdown_table(rows))
-  write_chart(rows, os.path.join(workdir, f"{TABLE}.png"),
+  metrics_lib.write_json(storage.join(workdir, f"{TABLE}.json"), result)
+  epath.Path(storage.join(workdir, f"{TABLE}.md")).write_text(markdown_table(rows))
+  write_chart(rows, storage.join(workdir, f"{TABLE}.png"),
               f"{config.data} {config.eval_split}: {config.total_steps} steps, seed {config.seed}")
   print("\n".join(table_lines(rows)), flush=True)
   return result

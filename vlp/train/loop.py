@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from vlp import checkpoint as ckpt_lib
+from vlp import storage
 from vlp import jobs
 from vlp.data import shards as shards_lib
 from vlp.jobs.base import EvalContext, Feed, JobFactory
@@ -57,7 +58,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   run use a subset, e.g. a one-device reference inside an 8-device test process.
   Raises `preemption.Preempted` after a SIGTERM, once its checkpoint is written.
   """
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(storage.absolute(workdir)).mkdir(parents=True, exist_ok=True)
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
@@ -71,7 +72,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
                                       lr_multipliers=job.lr_multipliers)
   best_metric = config.best_metric
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"),
                                save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                best_metric=best_metric)
 
@@ -148,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       compiled=eval_compiled)
     with interval.timed("eval"):
       out = job.evaluate(params, ctx)
-    metrics_lib.write_json(os.path.join(workdir, job.eval_file), out)
+    metrics_lib.write_json(storage.join(workdir, job.eval_file), out)
     eval_writer.write(out)
     metrics_lib.log("eval step {}: ".format(step) + ", ".join(
         f"{k}={v:.2f}" for k, v in out.items() if isinstance(v, float)))
@@ -270,7 +271,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   job = (job_factory or jobs.job_factory(config))(config, feed)
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps,
                                lr_multipliers=job.lr_multipliers)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"),
                                save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                best_metric=config.best_metric)
   chosen = checkpoint_step(ckpt, step, config.best_metric)
@@ -285,8 +286,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                     loss_fns=job.loss_fns)
   with logical.activate(mesh, rules):
     out = job.evaluate(state.params, ctx)
-  metrics_lib.write_json(os.path.join(workdir, job.eval_file), out)
-  metrics_lib.log(f"evaluated step {ctx.step} -> {os.path.join(workdir, job.eval_file)}")
+  metrics_lib.write_json(storage.join(workdir, job.eval_file), out)
+  metrics_lib.log(f"evaluated step {ctx.step} -> {storage.join(workdir, job.eval_file)}")
   return out
 
 

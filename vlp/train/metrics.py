@@ -1,17 +1,20 @@
 """Metrics output: `WORKDIR/metrics.jsonl` (one JSON object per log step) and, with
 `config.tensorboard`, TensorBoard event files beside it (`tensorboard --logdir
 WORKDIR`); progress lines and a NaN guard. Only process 0 writes. What a log line
-holds is `vlp.train.log_interval`'s."""
+holds is `vlp.train.log_interval`'s. The workdir may be on an object store
+(`vlp.storage.LocalMirror`)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
+
+from vlp import storage
 
 
 def _plain(v: Any) -> Any:
@@ -40,24 +43,34 @@ class MetricWriter:
 
   With `tensorboard`, every numeric value also goes to an event file in the same
   folder (tag = key, nested keys joined by '/', under `tag_prefix`), at `step`.
+
+  Both files are written in a local folder (`storage.LocalMirror`: the workdir
+  itself when it is local) and uploaded after each write when the workdir is on
+  an object store: objects cannot be appended to, and tensorboardX's writer only
+  reaches the local file system and, through its own clients, gs:// and s3://,
+  not what else epath supports.
   """
 
   def __init__(self, workdir: str, filename: str = "metrics.jsonl", *,
                tensorboard: bool = False, tag_prefix: str = ""):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, filename)
+    self.path = storage.join(workdir, filename)
     self.tag_prefix = tag_prefix
     self._tb = None
+    self._mirror = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      self._mirror = storage.LocalMirror(workdir)
+      self._mirror.pull(filename)  # A resumed run continues the file.
+      self._local = self._mirror.local(filename)
       if tensorboard:
         from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
-        self._tb = SummaryWriter(workdir, filename_suffix=f".{filename.split('.')[0]}")
+        self._tb = SummaryWriter(self._mirror.local_dir,
+                                 filename_suffix=f".{filename.split('.')[0]}")
 
   def write(self, record: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
+    with open(self._local, "a") as f:
       f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
     if self._tb is not None:
       step = int(record["step"])
@@ -65,23 +78,26 @@ class MetricWriter:
                                 self.tag_prefix).items():
         self._tb.add_scalar(tag, value, step)
       self._tb.flush()
+    self._mirror.push()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._mirror is not None:
+      self._mirror.close()
+      self._mirror = None
 
 
 def write_json(path: str, obj: Any) -> None:
   """Writes `obj` (a mapping of metrics, or any JSON-able value) from process 0."""
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  path = epath.Path(storage.absolute(path))
+  path.parent.mkdir(parents=True, exist_ok=True)
   if isinstance(obj, Mapping):
     obj = {k: _plain(v) for k, v in obj.items()}
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+  path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def check_finite(metrics: Mapping[str, Any], step: int) -> None:

@@ -4,14 +4,17 @@ The JAX profiler records steps [start, stop) to WORKDIR/profile, readable by
 TensorBoard's profile plugin (`tensorboard --logdir WORKDIR`) and, through the
 `*.trace.json.gz` it also writes, by Perfetto (ui.perfetto.dev). Every process
 traces its own devices; the trace stops after the last traced step has finished
-on the device, so it holds whole steps.
+on the device, so it holds whole steps. With the workdir on an object store the
+trace is written to a local folder and uploaded when it stops
+(`storage.LocalMirror`), so that it does not depend on which stores the
+profiler's own file system reaches.
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
+
+from vlp import storage
 
 
 def parse_steps(spec: str) -> tuple[int, int] | None:
@@ -32,21 +35,26 @@ class StepProfiler:
 
   def __init__(self, spec: str, workdir: str):
     self.steps = parse_steps(spec)
-    self.logdir = os.path.join(workdir, "profile")
+    self.logdir = storage.join(workdir, "profile")
     self.active = False
+    self._mirror = None
 
   def before(self, step: int) -> None:
     if self.steps and step == self.steps[0] and not self.active:
-      jax.profiler.start_trace(self.logdir, create_perfetto_trace=True)
+      self._mirror = storage.LocalMirror(self.logdir)
+      jax.profiler.start_trace(self._mirror.local_dir, create_perfetto_trace=True)
       self.active = True
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self._mirror.close()
+    self.active = False
 
   def after(self, step: int, state) -> None:
     if self.active and step >= self.steps[1] - 1:
       jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      self.active = False
+      self._stop()
 
   def close(self) -> None:
     if self.active:
-      jax.profiler.stop_trace()
-      self.active = False
+      self._stop()

@@ -36,15 +36,19 @@ _SHORT = {'feature_dim': 'd', 'soft_label_dim': 'c', 'conf_th': 'th', 'min_bb': 
 _BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
 # The feature part of every builder's MANUAL_DOWNLOAD_INSTRUCTIONS.
 FEATURES_INSTRUCTIONS = """
-Region features, one of (or pass --features=tsv:PATH|npz:DIR|npy:DIR):
+Region features, one of (or pass --features=tsv:PATH|npz:DIR|npy:DIR|lmdb:DIR):
   <manual_dir>/features/*.tsv  bottom-up-attention TSV (generate_tsv.py columns
       image_id, image_w, image_h, num_boxes, boxes, features), 36 or 10-100 boxes;
+      parts *.tsv.0, *.tsv.1 (the unzipped trainval/ as published) are read too;
   <manual_dir>/features/*.npz  per-image UNITER-style npz (features, norm_bb,
       conf, soft_labels); image sizes from --image_sizes or
       <manual_dir>/image_sizes/*.json (COCO annotation JSON, VG image_data.json,
       or {"<image_id>": [w, h]});
   <manual_dir>/features/*.npy  per-image <id>.npy features + <id>_boxes.npy pixel
-      boxes (sizes as for npz).
+      boxes (sizes as for npz);
+  --features=lmdb:DIR  UNITER's image DBs as downloaded (img_db/coco_train2014,
+      img_db/coco_val2014, img_db/vg: feat_th0.2_max100_min10/ LMDB; sizes as
+      for npz).
 The image id of a feature file / TSV line is its number (last run of digits).
 """
 
@@ -100,7 +104,7 @@ class BuildOptions:
   """Build-time inputs that do not change the schema.
 
   Attributes:
-    features: `tsv:PATH`, `npz:DIR` or `npy:DIR`; None: `<manual_dir>/features/`.
+    features: `tsv:PATH`, `npz:DIR`, `npy:DIR` or `lmdb:DIR`; None: `<manual_dir>/features/`.
     image_sizes: size files for npz/npy sources (`vlp.data.features.files`); empty:
       `<manual_dir>/image_sizes/*.json` if present.
     tsv_fields: TSV column names (None: the generate_tsv.py columns).
@@ -250,7 +254,7 @@ class RegionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def write_file(self, name: str, data: bytes | str) -> None:
     """Writes a side file next to the records (inside tfds' temporary dir)."""
     mode = 'wb' if isinstance(data, bytes) else 'w'
-    with open(os.path.join(self.data_dir, name), mode) as f:
+    with (epath.Path(self.data_dir) / name).open(mode) as f:
       f.write(data)
 
   def write_tokenizer(self, sentences, vocab_size: int) -> None:

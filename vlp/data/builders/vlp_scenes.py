@@ -196,7 +196,7 @@ class VlpScenes(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in SPLIT_ID_BASE}
 
   def _write(self, name: str, data: bytes | str) -> None:
-    with open(os.path.join(self.data_dir, name), 'wb' if isinstance(data, bytes) else 'w') as f:
+    with (epath.Path(self.data_dir) / name).open('wb' if isinstance(data, bytes) else 'w') as f:
       f.write(data)
 
   def _generate_examples(self, split):

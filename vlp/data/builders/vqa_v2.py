@@ -29,6 +29,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from vlp.data.builders import region_base
 from vlp.data.builders.vqa_answers import AnswerVocab, build_vocab
@@ -54,8 +55,7 @@ class VqaV2Config(region_base.RegionConfig):
 
 def answer_vocab(builder) -> list[str]:
   """The answer list of a prepared `vqa_v2` dataset (label = position)."""
-  with open(os.path.join(os.fspath(builder.data_dir), ANSWERS_FILENAME)) as f:
-    return json.load(f)
+  return json.loads((epath.Path(builder.data_dir) / ANSWERS_FILENAME).read_text())
 
 
 def _load_list(path: str, key: str) -> list:

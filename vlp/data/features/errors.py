@@ -28,6 +28,7 @@ KINDS = {
     'duplicate_image': 'image id that occurs twice',
     'too_few_captions': 'image with fewer than 5 usable captions',
     'unreadable_file': 'feature file that cannot be opened or parsed',
+    'pickled': 'entry that would need unpickling (refused: unpickling can run code)',
 }
 _EXAMPLES_PER_KIND = 3
 

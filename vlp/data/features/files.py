@@ -34,7 +34,7 @@ from typing import Mapping
 import numpy as np
 
 from vlp.data.features.errors import BadInput, BuildReport
-from vlp.data.features.regions import Regions
+from vlp.data.features.regions import ImageIndexed, Regions
 
 _DIGITS = re.compile(r'(\d+)(?!.*\d)')
 _NPY_EXTRAS = ('_boxes', '_conf', '_soft_labels')
@@ -108,7 +108,7 @@ def index_directory(directory: str, suffix: str, report: BuildReport,
   return index
 
 
-class _DirectoryFeatures:
+class _DirectoryFeatures(ImageIndexed):
   """Shared lookup of one-file-per-image directories."""
 
   suffix = ''
@@ -119,15 +119,6 @@ class _DirectoryFeatures:
     self.directory, self.report = directory, report
     self.sizes: dict[int, tuple[float, float]] = dict(sizes or {})
     self._index = index_directory(directory, self.suffix, report, self.skip)
-
-  def __contains__(self, image_id: int) -> bool:
-    return int(image_id) in self._index
-
-  def __len__(self) -> int:
-    return len(self._index)
-
-  def ids(self) -> list[int]:
-    return list(self._index)
 
   def describe(self) -> str:
     return f'{self.suffix[1:]} ({self.directory}, {len(self._index)} images)'
@@ -156,21 +147,29 @@ class NpzFeatures(_DirectoryFeatures):
         arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
       raise BadInput('unreadable_file', path, f'cannot read npz ({e})') from None
-    for key in ('features', 'norm_bb'):
-      if key not in arrays:
-        raise BadInput('missing_field', path, f'no array {key!r}; it has {sorted(arrays)}')
-    norm = np.asarray(arrays['norm_bb'], np.float64)
-    if norm.ndim != 2 or norm.shape[1] < 4:
-      raise BadInput('wrong_shape', path, f'norm_bb has shape {norm.shape}, expected [N, >=4]')
-    w = arrays.get('image_w', arrays.get('width'))
-    h = arrays.get('image_h', arrays.get('height'))
-    if w is None or h is None:
-      w, h = self._size(image_id, path)
-    w, h = float(np.asarray(w).reshape(-1)[0]), float(np.asarray(h).reshape(-1)[0])
-    boxes = norm[:, :4] * np.array([w, h, w, h])
-    return Regions(image_id=image_id, image_w=w, image_h=h, features=arrays['features'],
-                   boxes=boxes, conf=arrays.get('conf'),
-                   soft_labels=arrays.get('soft_labels'), where=path)
+    return uniter_regions(image_id, arrays, path, lambda: self._size(image_id, path))
+
+
+def uniter_regions(image_id: int, arrays: Mapping[str, np.ndarray], where: str,
+                   size) -> Regions:
+  """The regions of one image stored under UNITER's npz keys (module doc), from an
+  npz file or an entry of UNITER's image DB; `size()` gives (w, h) when the
+  arrays carry no image size."""
+  for key in ('features', 'norm_bb'):
+    if key not in arrays:
+      raise BadInput('missing_field', where, f'no array {key!r}; it has {sorted(arrays)}')
+  norm = np.asarray(arrays['norm_bb'], np.float64)
+  if norm.ndim != 2 or norm.shape[1] < 4:
+    raise BadInput('wrong_shape', where, f'norm_bb has shape {norm.shape}, expected [N, >=4]')
+  w = arrays.get('image_w', arrays.get('width'))
+  h = arrays.get('image_h', arrays.get('height'))
+  if w is None or h is None:
+    w, h = size()
+  w, h = float(np.asarray(w).reshape(-1)[0]), float(np.asarray(h).reshape(-1)[0])
+  boxes = norm[:, :4] * np.array([w, h, w, h])
+  return Regions(image_id=image_id, image_w=w, image_h=h, features=arrays['features'],
+                 boxes=boxes, conf=arrays.get('conf'), soft_labels=arrays.get('soft_labels'),
+                 where=where)
 
 
 class NpyFeatures(_DirectoryFeatures):

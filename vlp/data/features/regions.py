@@ -50,6 +50,21 @@ class Regions:
   where: str
 
 
+class ImageIndexed:
+  """What every feature source offers over its `_index` (image id -> location)."""
+
+  _index: dict
+
+  def __contains__(self, image_id: int) -> bool:
+    return int(image_id) in self._index
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def ids(self) -> list[int]:
+    return list(self._index)
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordFormat:
   """How regions are selected and stored.

@@ -32,12 +32,13 @@ import re
 import numpy as np
 
 from vlp.data.features.errors import BadInput, BuildReport
-from vlp.data.features.regions import Regions
+from vlp.data.features.regions import ImageIndexed, Regions
 
 BUTD_FIELDS = ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features')
 _ALIASES = {'img_id': 'image_id', 'img_w': 'image_w', 'img_h': 'image_h'}
 _REQUIRED = ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features')
 _DIGITS = re.compile(r'(\d+)(?!.*\d)')
+_PART = re.compile(r'^(.*\.tsv)(?:\.(\d+))?$')
 
 
 def parse_image_id(text: str) -> int:
@@ -51,23 +52,33 @@ def parse_image_id(text: str) -> int:
   return int(m.group(1))
 
 
-def expand_paths(spec: str, suffix: str = '.tsv') -> list[str]:
-  """Files named by a comma list of files, directories (all *suffix) or globs."""
+def _part_order(path: str):
+  """Sort key: `x.tsv`, `x.tsv.0`, `x.tsv.1`, ..., `x.tsv.10` (numbers, not text)."""
+  m = _PART.match(path)
+  return (m.group(1), -1) if m.group(2) is None else (m.group(1), int(m.group(2)))
+
+
+def expand_paths(spec: str) -> list[str]:
+  """Files named by a comma list of files, directories or globs. A directory gives
+  its `*.tsv` files and the parts `*.tsv.0`, `*.tsv.1`, ... that generate_tsv.py
+  writes with several GPUs (the public adaptive `trainval/` ships its train split
+  so); each part is a TSV of its own images."""
   paths = []
   for part in [p for p in spec.split(',') if p]:
     if os.path.isdir(part):
-      found = sorted(glob.glob(os.path.join(part, f'*{suffix}')))
+      found = sorted((p for p in glob.glob(os.path.join(part, '*.tsv*'))
+                      if _PART.match(p) and os.path.isfile(p)), key=_part_order)
     elif any(c in part for c in '*?['):
       found = sorted(glob.glob(part))
     else:
       found = [part] if os.path.exists(part) else []
     if not found:
-      raise FileNotFoundError(f'feature TSV {part!r}: no such file (or no *{suffix} in it)')
+      raise FileNotFoundError(f'feature TSV {part!r}: no such file (or no *.tsv, *.tsv.N in it)')
     paths.extend(found)
   return paths
 
 
-class TsvFeatures:
+class TsvFeatures(ImageIndexed):
   """Random access by image id to the images of one or more TSV files."""
 
   def __init__(self, paths: list[str], *, report: BuildReport,
@@ -125,15 +136,6 @@ class TsvFeatures:
     finally:
       if bar is not None:
         bar.close()
-
-  def __contains__(self, image_id: int) -> bool:
-    return int(image_id) in self._index
-
-  def __len__(self) -> int:
-    return len(self._index)
-
-  def ids(self) -> list[int]:
-    return list(self._index)
 
   def _line(self, file_no: int, offset: int) -> bytes:
     f = self._files.get(file_no)
