@@ -23,7 +23,9 @@ JOB_KEYS = {
     "retrieval": SCHEDULE | {"init_from", "retrieval_ft", "distill", "dual_dim",
                              "two_stage_ks", "eval_gallery_images"},
     "vqa": SCHEDULE | {"init_from", "head_lr_mult", "answer_vocab"},
-    "grounding": SCHEDULE | {"init_from", "eval_splits", "det_data_dir", "grounding_mlp"},
+    "grounding": SCHEDULE | {"init_from", "eval_splits", "det_data_dir", "grounding_mlp",
+                             "proposal_filter"},
+    "matching": SCHEDULE | {"init_from", "matching", "two_stage_ks", "eval_gallery_images"},
 }
 # The keys these were before the per-task subtrees; none may come back.
 FLAT_KEYS = {"task", "mlm_prob", "mrm_prob", "itm_neg_prob", "itm_negatives",
