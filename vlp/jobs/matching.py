@@ -18,8 +18,11 @@ with all their captions); every image and caption is encoded once:
     each k of `config.two_stage_ks`. With a decomposable similarity
     (`cosine_global`) the dual search is the full ranking itself.
 Each mode reports `seconds` (encoding included) and `pairs_scored` (pairs sent
-to the mechanism's scorer). Scoring runs on the first device of this process:
-the states of a gallery are small next to the encoders.
+to the mechanism's scorer). The gallery's states come back in row order on every
+process (`vlp.jobs.eval_batches`); the scorer then runs on the run's mesh through
+`vlp.matching.score_matrix`: fixed-shape blocks, image blocks split over the
+batch axes, the scorer's weights read from the sharded parameters, every block's
+scores replicated, so every process ends with the same full score matrix.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from vlp.jobs.pair_data import PairData
 from vlp.matching import score_matrix as score_matrix_lib, similarities
 from vlp.matching.model import MatchingModel, MatchingSpec
 from vlp.matching.objective import make_matching_loss
+from vlp.parallel import sharding as sharding_lib
 
 
 def make_matching_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
@@ -106,6 +110,25 @@ def pair_scorer(score, img, img_mask, txt, txt_mask):
   return score_pairs
 
 
+def mesh_scorer(params, ctx: EvalContext):
+  """`score(regions, region_mask, tokens, token_mask) -> [Ni, Nt]` host scores for
+  host arrays of any size, on the run's mesh (`score_matrix` in one block per
+  call, padded to whole image shards), and the image shard count."""
+  shards = sharding_lib.batch_shard_count(ctx.mesh, ctx.rules)
+
+  def sim(r, rm, t, tm, params):
+    return nnx.merge(ctx.graphdef, params).scores(r, rm, t, tm)
+  tile = ctx.jit(("matching_scores",), lambda: score_matrix_lib.tile_function(
+      sim, mesh=ctx.mesh, rules=ctx.rules, params=params))
+
+  def score(r, rm, t, tm, chunk_images=None, chunk_texts=None):
+    return score_matrix_lib.score_matrix(
+        sim, r, rm, t, tm, chunk_images=chunk_images or -(-len(r) // shards) * shards,
+        chunk_texts=chunk_texts or len(t), mesh=ctx.mesh, rules=ctx.rules, params=params,
+        tile=tile)
+  return score, shards
+
+
 def evaluate_matching(params, ctx: EvalContext, *, data: PairData, spec: MatchingSpec) -> dict:
   gallery = data.gallery()
   n_img, n_txt = gallery["img_feat"].shape[0], gallery["input_ids"].shape[0]
@@ -117,12 +140,12 @@ def evaluate_matching(params, ctx: EvalContext, *, data: PairData, spec: Matchin
   img, img_mask = encode_gallery(params, ctx, rows, gallery, "image")
   txt, txt_mask = encode_gallery(params, ctx, rows, gallery, "text")
   encode_seconds = time.perf_counter() - t0
-  model = nnx.merge(ctx.graphdef, jax.device_get(params))
-  score = model.scores  # Its parameters are the scorer's only.
+  score, shards = mesh_scorer(params, ctx)
   chunk = int(ctx.config.matching.eval_chunk)
   t1 = time.perf_counter()
-  matrix = score_matrix_lib.score_matrix(score, img, img_mask, txt, txt_mask,
-                                         chunk_images=chunk, chunk_texts=chunk)
+  # Image blocks split over the shards: round the block up to whole shards.
+  matrix = score(img, img_mask, txt, txt_mask, chunk_images=-(-chunk // shards) * shards,
+                 chunk_texts=chunk)
   full = retrieval_eval.recall_at_k(matrix, gallery["txt2img"])
   out["full"] = dict(full, pairs_scored=int(matrix.size),
                      seconds=encode_seconds + time.perf_counter() - t1)
@@ -134,7 +157,7 @@ def evaluate_matching(params, ctx: EvalContext, *, data: PairData, spec: Matchin
     t2 = time.perf_counter()
     img_vecs, txt_vecs = vec(img, img_mask), vec(txt, txt_mask)
     stage_one = encode_seconds + time.perf_counter() - t2
-    scorer = pair_scorer(jax.jit(score), img, img_mask, txt, txt_mask)
+    scorer = pair_scorer(score, img, img_mask, txt, txt_mask)
     for k in ctx.config.two_stage_ks:
       t3 = time.perf_counter()
       res = retrieval_eval.two_stage_recall(img_vecs, txt_vecs, gallery["txt2img"], scorer,

@@ -53,9 +53,50 @@ def place(x: np.ndarray, target: NamedSharding | None) -> jax.Array:
   return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
 
+def block_shardings(mesh: Mesh | None, rules: Any = None):
+  """(image shards, sharding of an [n, ...] image block by ndim, replicated sharding)
+  for tiles on `mesh` (None: one device)."""
+  if mesh is None:
+    return 1, lambda ndim: None, None
+  rules = sharding.rules_for("dp" if rules is None else rules, mesh)
+  return (sharding.batch_shard_count(mesh, rules),
+          lambda ndim: NamedSharding(mesh, sharding.batch_spec(mesh, rules, ndim)),
+          NamedSharding(mesh, P()))
+
+
+def params_shardings(params: Any, mesh: Mesh):
+  """Each leaf of `params`: its own sharding when it already lives on `mesh` (e.g.
+  a train state sharded over it, which may span processes: the tile gathers what
+  it reads), else replicated."""
+  replicated = NamedSharding(mesh, P())
+  def keep(x):
+    held = getattr(x, "sharding", None)
+    return held if isinstance(held, NamedSharding) and held.mesh == mesh else replicated
+  return jax.tree.map(keep, params)
+
+
+def tile_function(sim: Callable[..., jax.Array], *, mesh: Mesh | None = None,
+                  rules: Any = None, params: Any = None) -> Callable:
+  """The jitted block `tile(r, rm, t, tm, params) -> [bi, bt]` that `score_matrix`
+  runs: with a mesh, images split over its batch axes, texts replicated, scores
+  replicated, `params` as `params_shardings` places them. One compilation per
+  block shape; keep it (e.g. in an `EvalContext.compiled`) to reuse it."""
+  def block(r, rm, t, tm, p):
+    return sim(r, rm, t, tm) if p is None else sim(r, rm, t, tm, params=p)
+
+  if mesh is None:
+    return jax.jit(block)
+  _, image_sharding, replicated = block_shardings(mesh, rules)
+  return jax.jit(
+      block, out_shardings=replicated,
+      in_shardings=(image_sharding(3), image_sharding(2), replicated, replicated,
+                    None if params is None else params_shardings(params, mesh)))
+
+
 def score_matrix(sim: Callable[..., jax.Array], regions, region_mask, tokens, token_mask,
                  *, chunk_images: int, chunk_texts: int, mesh: Mesh | None = None,
-                 rules: Any = None, params: Any = None) -> np.ndarray:
+                 rules: Any = None, params: Any = None, tile: Callable | None = None
+                 ) -> np.ndarray:
   """scores [Ni, Nt] float32 (host numpy): sim of every image against every text.
 
   Args:
@@ -71,7 +112,10 @@ def score_matrix(sim: Callable[..., jax.Array], regions, region_mask, tokens, to
     rules: the logical rule table whose `batch` entry names those axes (default:
       the `dp` preset: every data-like axis of the mesh).
     params: the similarity's `params` pytree, if it has one (passed as an argument,
-      so it is not baked into the compiled program).
+      so it is not baked into the compiled program). Host arrays are replicated;
+      arrays already sharded over `mesh` stay as they are.
+    tile: `tile_function(sim, mesh=mesh, rules=rules, params=params)` compiled
+      earlier, to reuse its compilations (None: made here).
   """
   check_inputs(regions, region_mask, tokens, token_mask)
   if chunk_images <= 0 or chunk_texts <= 0:
@@ -84,16 +128,10 @@ def score_matrix(sim: Callable[..., jax.Array], regions, region_mask, tokens, to
   if num_images == 0 or num_texts == 0:
     return np.zeros((num_images, num_texts), np.float32)
 
-  shards, replicated = 1, None
-  image_sharding = lambda ndim: None
-  if mesh is not None:
-    rules = sharding.rules_for("dp" if rules is None else rules, mesh)
-    shards = sharding.batch_shard_count(mesh, rules)
-    if chunk_images % shards:
-      raise ValueError(f"score_matrix: chunk_images={chunk_images} must be a multiple of "
-                       f"the {shards} image shards of mesh {dict(mesh.shape)}")
-    image_sharding = lambda ndim: NamedSharding(mesh, sharding.batch_spec(mesh, rules, ndim))
-    replicated = NamedSharding(mesh, P())
+  shards, image_sharding, replicated = block_shardings(mesh, rules)
+  if chunk_images % shards:
+    raise ValueError(f"score_matrix: chunk_images={chunk_images} must be a multiple of "
+                     f"the {shards} image shards of mesh {dict(mesh.shape)}")
   # A block never needs to be larger than the (shard-rounded) whole axis.
   chunk_images = min(chunk_images, shards * math.ceil(num_images / shards))
   chunk_texts = min(chunk_texts, num_texts)
@@ -103,18 +141,11 @@ def score_matrix(sim: Callable[..., jax.Array], regions, region_mask, tokens, to
                                                                       padded_images)
   tokens, token_mask = pad_items(tokens, padded_texts), pad_items(token_mask, padded_texts)
 
-  def block(r, rm, t, tm, p):
-    return sim(r, rm, t, tm) if p is None else sim(r, rm, t, tm, params=p)
-
-  if mesh is None:
-    compiled = jax.jit(block)
-  else:
-    compiled = jax.jit(
-        block, out_shardings=replicated,
-        in_shardings=(image_sharding(3), image_sharding(2), replicated, replicated,
-                      None if params is None else replicated))
-    if params is not None:
-      params = jax.device_put(params, replicated)
+  if tile is None:
+    tile = tile_function(sim, mesh=mesh, rules=rules, params=params)
+  if mesh is not None and params is not None:
+    params = jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s
+                          else place(np.asarray(x), s), params, params_shardings(params, mesh))
 
   # Blocks are dispatched asynchronously; a row of blocks is read back once the
   # next row is queued, so the device holds at most two rows of scores.
@@ -122,8 +153,8 @@ def score_matrix(sim: Callable[..., jax.Array], regions, region_mask, tokens, to
   for i in range(0, padded_images, chunk_images):
     r = place(regions[i:i + chunk_images], image_sharding(3))
     rm = place(region_mask[i:i + chunk_images], image_sharding(2))
-    row = [compiled(r, rm, place(tokens[j:j + chunk_texts], replicated),
-                    place(token_mask[j:j + chunk_texts], replicated), params)
+    row = [tile(r, rm, place(tokens[j:j + chunk_texts], replicated),
+                place(token_mask[j:j + chunk_texts], replicated), params)
            for j in range(0, padded_texts, chunk_texts)]
     if pending is not None:
       rows.append(np.concatenate([np.asarray(b) for b in pending], axis=1))
