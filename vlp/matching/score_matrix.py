@@ -6,8 +6,14 @@ blocks of `chunk_images` x `chunk_texts`, pads the last block of each axis with
 empty items (all-False masks; their scores are cut off), so every block has one
 static shape and the similarity compiles once. With a mesh, each image block is
 split over the mesh's batch axes (the `dp` rule table of `vlp.parallel.sharding`,
-or the given rules), texts and params are replicated, and each block's scores
-come back replicated, so every process can read the result.
+or the given rules), texts and host params are replicated (params already sharded
+over the mesh stay so), and each block's scores come back replicated, so every
+process can read the result.
+
+Device memory, whatever N_i: the texts (once, replicated), one image block, two
+rows of scores (2 x chunk_images x N_t floats) and one block's working set, about
+(chunk_images / shards) x chunk_texts x R x L floats for a fine-grained
+similarity (`vlp.matching.score_bench` measures it).
 """
 
 from __future__ import annotations
@@ -147,15 +153,17 @@ def score_matrix(sim: Callable[..., jax.Array], regions, region_mask, tokens, to
     params = jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s
                           else place(np.asarray(x), s), params, params_shardings(params, mesh))
 
-  # Blocks are dispatched asynchronously; a row of blocks is read back once the
-  # next row is queued, so the device holds at most two rows of scores.
+  # The texts go to the devices once; images one block at a time. Blocks are
+  # dispatched asynchronously; a row of blocks is read back once the next row is
+  # queued, so the devices hold the texts, one image block and two rows of scores.
+  text_blocks = [(place(tokens[j:j + chunk_texts], replicated),
+                  place(token_mask[j:j + chunk_texts], replicated))
+                 for j in range(0, padded_texts, chunk_texts)]
   rows, pending = [], None
   for i in range(0, padded_images, chunk_images):
     r = place(regions[i:i + chunk_images], image_sharding(3))
     rm = place(region_mask[i:i + chunk_images], image_sharding(2))
-    row = [tile(r, rm, place(tokens[j:j + chunk_texts], replicated),
-                place(token_mask[j:j + chunk_texts], replicated), params)
-           for j in range(0, padded_texts, chunk_texts)]
+    row = [tile(r, rm, t, tm, params) for t, tm in text_blocks]
     if pending is not None:
       rows.append(np.concatenate([np.asarray(b) for b in pending], axis=1))
     pending = row
