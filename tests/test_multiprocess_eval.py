@@ -4,16 +4,18 @@ A TPU slice lists its devices in torus order, so a host's rows of every global
 batch are scattered (tests/torus_driver.py replays such an order on CPU). Here the
 8 devices are ordered so that process 0 holds batch pieces 0, 1, 5, 6 and process
 1 pieces 2, 3, 4, 7. Pretraining trains 2 steps from scratch, each fine-tuning
-job 2 steps from `init_from`, and each evaluates; 2 processes x 4 devices must
-give what 1 process x 8 devices (same order) gives:
+job 2 steps from `init_from` (the matching job's dual-stream model from scratch),
+and each evaluates; 2 processes x 4 devices must give what 1 process x 8 devices
+(same order) gives:
 * the training losses (so `init_from` restored the same weights into the sharded
   state on both processes: retrieval and grounding from a pretraining workdir,
   VQA from an exported directory; and the default `data_shards=0` found the 8
   shards that the 1-process run is given);
 * pretraining's held-out MLM / ITM accuracy and zero-shot R@K; retrieval R@K,
-  VQA accuracy and its per-question results file, grounding
-  accuracy and its per-expression predictions. A prediction matched to another
-  row's label changes the per-example files even where the means agree.
+  VQA accuracy and its per-question results file, grounding accuracy and its
+  per-expression predictions; the matching job's R@K (full ranking, dual search
+  and two-stage; SCAN scored on the mesh by both processes). A prediction matched
+  to another row's label changes the per-example files even where the means agree.
 """
 
 import json
@@ -48,6 +50,10 @@ JOBS = {  # name: (config, init_from source, extra overrides)
             {"eval_batch_size": 96}),
     "grounding": ("configs/finetune_refcoco.py:size=tiny,data=vlp_scenes", "workdir",
                   {"eval_batch_size": 96}),
+    # SCAN scored through score_matrix on the mesh: 8 x 8 blocks, one image per device.
+    "matching": ("configs/matching.py:size=tiny,data=vlp_scenes", None,
+                 {"eval_gallery_images": 24, "eval_batch_size": 240,
+                  "matching.similarity": "scan_t2i", "matching.eval_chunk": 8}),
 }
 
 
@@ -104,7 +110,8 @@ def _run(cmd, env, root):
 def _results(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [r[f"loss/{r['task']}"] for r in map(json.loads, f)]
-  name = {"retrieval": "eval_test.json", "pretrain": "eval.json"}.get(
+  name = {"retrieval": "eval_test.json", "matching": "eval_test.json",
+          "pretrain": "eval.json"}.get(
       os.path.basename(workdir), "eval_val.json")
   with open(os.path.join(workdir, name)) as f:
     ev = json.load(f)
@@ -175,3 +182,13 @@ def test_grounding_predictions_match_one_process(one_process, two_processes):
   assert len(preds(one)) == one["eval"]["counts"]["gt"]["val"] > 0
   assert preds(two) == preds(one)
   assert two["eval"]["grounding_acc"] == pytest.approx(one["eval"]["grounding_acc"], abs=1e-9)
+
+
+def test_matching_recall_matches_one_process(one_process, two_processes):
+  one, two = one_process[0]["matching"]["eval"], two_processes[0]["matching"]["eval"]
+  assert (one["num_images"], one["num_captions"]) == (24, 120)
+  assert one["full"]["pairs_scored"] == 24 * 120
+  modes = ["full", "dual", "two_stage_k10", "two_stage_k20"]
+  keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+  got = lambda ev: [ev[mode][k] for mode in modes for k in keys]
+  np.testing.assert_allclose(got(two), got(one), atol=1e-9)

@@ -36,13 +36,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlp.evaluators import retrieval as retrieval_eval
 from vlp.jobs import base, data_setup, eval_batches, pair_scoring
 from vlp.jobs.base import EvalContext, Feed, Job
 from vlp.jobs.pair_data import PairData
 from vlp.matching import score_matrix as score_matrix_lib, similarities
-from vlp.matching.model import MatchingModel, MatchingSpec
+from vlp.matching.model import SCORER_PARTS, MatchingModel, MatchingSpec
 from vlp.matching.objective import make_matching_loss
 from vlp.parallel import sharding as sharding_lib
 
@@ -110,11 +111,27 @@ def pair_scorer(score, img, img_mask, txt, txt_mask):
   return score_pairs
 
 
+def replicate_scorer(params, mesh):
+  """`params` with the leaves the scorer reads replicated over `mesh` (one gather
+  for the whole evaluation, none inside the scoring blocks); the encoders' leaves,
+  which the blocks do not read, stay as they are sharded."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  reads = [i for i, (path, _) in enumerate(leaves)
+           if getattr(path[0], "key", None) in SCORER_PARTS]
+  gathered = jax.jit(lambda xs: xs, out_shardings=NamedSharding(mesh, P()))(
+      [leaves[i][1] for i in reads])
+  values = [x for _, x in leaves]
+  for i, x in zip(reads, gathered):
+    values[i] = x
+  return jax.tree.unflatten(treedef, values)
+
+
 def mesh_scorer(params, ctx: EvalContext):
   """`score(regions, region_mask, tokens, token_mask) -> [Ni, Nt]` host scores for
   host arrays of any size, on the run's mesh (`score_matrix` in one block per
   call, padded to whole image shards), and the image shard count."""
   shards = sharding_lib.batch_shard_count(ctx.mesh, ctx.rules)
+  params = replicate_scorer(params, ctx.mesh)
 
   def sim(r, rm, t, tm, params):
     return nnx.merge(ctx.graphdef, params).scores(r, rm, t, tm)

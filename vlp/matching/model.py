@@ -44,6 +44,8 @@ from vlp.models.uniter_config import UniterConfig
 ENCODERS = ("dual_stream", "uniter")
 TEXT_ENCODERS = ("transformer", "bigru")
 SCORERS = ("similarity", "comma", "slan")
+# The top-level parts of the model that `MatchingModel.scores` reads.
+SCORER_PARTS = ("scorer", "similarity_params")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,10 @@ empty items (all-False masks; their scores are cut off), so every block has one
 static shape and the similarity compiles once. With a mesh, each image block is
 split over the mesh's batch axes (the `dp` rule table of `vlp.parallel.sharding`,
 or the given rules), texts and host params are replicated (params already sharded
-over the mesh stay so), and each block's scores come back replicated, so every
-process can read the result.
+over the mesh stay so). A block computes its images' rows on their devices with
+no communication (a collective inside every queued block can stall CPU devices
+that share few threads); each row of blocks is then gathered to every process, so
+every process gets the full matrix.
 
 Device memory, whatever N_i: the texts (once, replicated), one image block, two
 rows of scores (2 x chunk_images x N_t floats) and one block's working set, about
@@ -25,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vlp.parallel import sharding
+from vlp.parallel import global_batch, sharding
 
 
 def check_inputs(regions, region_mask, tokens, token_mask) -> None:
@@ -72,8 +74,9 @@ def block_shardings(mesh: Mesh | None, rules: Any = None):
 
 def params_shardings(params: Any, mesh: Mesh):
   """Each leaf of `params`: its own sharding when it already lives on `mesh` (e.g.
-  a train state sharded over it, which may span processes: the tile gathers what
-  it reads), else replicated."""
+  a train state sharded over it, which may span processes; a leaf the similarity
+  does not read costs nothing, one it reads is gathered in every block, so
+  replicate those first), else replicated."""
   replicated = NamedSharding(mesh, P())
   def keep(x):
     held = getattr(x, "sharding", None)
@@ -84,7 +87,7 @@ def params_shardings(params: Any, mesh: Mesh):
 def tile_function(sim: Callable[..., jax.Array], *, mesh: Mesh | None = None,
                   rules: Any = None, params: Any = None) -> Callable:
   """The jitted block `tile(r, rm, t, tm, params) -> [bi, bt]` that `score_matrix`
-  runs: with a mesh, images split over its batch axes, texts replicated, scores
+  runs: with a mesh, images and their scores split over its batch axes, texts
   replicated, `params` as `params_shardings` places them. One compilation per
   block shape; keep it (e.g. in an `EvalContext.compiled`) to reuse it."""
   def block(r, rm, t, tm, p):
@@ -94,7 +97,7 @@ def tile_function(sim: Callable[..., jax.Array], *, mesh: Mesh | None = None,
     return jax.jit(block)
   _, image_sharding, replicated = block_shardings(mesh, rules)
   return jax.jit(
-      block, out_shardings=replicated,
+      block, out_shardings=image_sharding(2),
       in_shardings=(image_sharding(3), image_sharding(2), replicated, replicated,
                     None if params is None else params_shardings(params, mesh)))
 
@@ -165,7 +168,7 @@ def score_matrix(sim: Callable[..., jax.Array], regions, region_mask, tokens, to
     rm = place(region_mask[i:i + chunk_images], image_sharding(2))
     row = [tile(r, rm, t, tm, params) for t, tm in text_blocks]
     if pending is not None:
-      rows.append(np.concatenate([np.asarray(b) for b in pending], axis=1))
+      rows.append(np.concatenate([global_batch.to_host(b) for b in pending], axis=1))
     pending = row
-  rows.append(np.concatenate([np.asarray(b) for b in pending], axis=1))
+  rows.append(np.concatenate([global_batch.to_host(b) for b in pending], axis=1))
   return np.concatenate(rows)[:num_images, :num_texts].astype(np.float32)
