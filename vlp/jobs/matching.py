@@ -21,8 +21,9 @@ Each mode reports `seconds` (encoding included) and `pairs_scored` (pairs sent
 to the mechanism's scorer). The gallery's states come back in row order on every
 process (`vlp.jobs.eval_batches`); the scorer then runs on the run's mesh through
 `vlp.matching.score_matrix`: fixed-shape blocks, image blocks split over the
-batch axes, the scorer's weights read from the sharded parameters, every block's
-scores replicated, so every process ends with the same full score matrix.
+batch axes, the scorer's weights gathered once from the sharded parameters (no
+host copy), each row of blocks gathered to every process, so every process ends
+with the same full score matrix.
 """
 
 from __future__ import annotations
