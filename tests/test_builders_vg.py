@@ -11,7 +11,7 @@ from vlp.data.image_records import ImageRecords
 D = 8
 
 
-def write_vg(manual, rng):
+def write_vg(manual, rng, d=D):
   os.makedirs(os.path.join(manual, 'features'))
   # VG image id, coco_id, descriptions
   phrases = {
@@ -37,7 +37,7 @@ def write_vg(manual, rng):
   for image_id in (1, 2, 3, 4):
     n = 6
     norm = np.sort(rng.uniform(0, 1, (n, 2, 2)), 1).transpose(0, 2, 1).reshape(n, 4)
-    feats = rng.normal(size=(n, D)).astype(np.float16)
+    feats = rng.normal(size=(n, d)).astype(np.float16)
     conf = np.array([0.9, 0.8, 0.5, 0.4, 0.1, 0.05], np.float16)
     np.savez(os.path.join(manual, 'features', f'vg_{image_id}.npz'), features=feats,
              norm_bb=norm.astype(np.float16), conf=conf)
