@@ -76,6 +76,15 @@ def losses(workdir):
   return {r['step']: (r['task'], r[f"loss/{r['task']}"]) for r in records}
 
 
+def same_losses(got, reference, rtol):
+  """Every step logged once, with the reference's task and loss."""
+  assert sorted(got) == list(range(1, STEPS + 1))
+  for step in range(1, STEPS + 1):
+    assert got[step][0] == reference[step][0], step
+    np.testing.assert_allclose(got[step][1], reference[step][1], rtol=rtol,
+                               err_msg=f'step {step}')
+
+
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
   """The BERT folder imported, and both datasets built into one data_dir."""
@@ -154,12 +163,7 @@ def test_resume_after_step_3_matches_uninterrupted(prepared, reference, monkeypa
   assert max(losses(workdir)) == STOP
   monkeypatch.undo()
   loop.train_and_evaluate(config_for(values), str(workdir), devices=TWO)
-  got = losses(workdir)
-  assert sorted(got) == list(range(1, STEPS + 1))
-  for step in range(1, STEPS + 1):
-    assert got[step][0] == reference[step][0], step
-    np.testing.assert_allclose(got[step][1], reference[step][1], rtol=1e-6,
-                               err_msg=f'step {step}')
+  same_losses(losses(workdir), reference, rtol=1e-6)
 
 
 def test_training_starts_from_bert(prepared, reference):
@@ -198,10 +202,5 @@ def test_two_processes_log_the_same_losses(prepared, reference):
   assert f'[0] step {STEPS}/{STEPS} [' in out and '[1] step' not in out, out[-5000:]
   with open(workdir / 'metrics.jsonl') as f:
     assert len(f.readlines()) == STEPS
-  got = losses(workdir)
-  assert sorted(got) == list(range(1, STEPS + 1))
-  for step in range(1, STEPS + 1):
-    assert got[step][0] == reference[step][0], step
-    np.testing.assert_allclose(got[step][1], reference[step][1], rtol=1e-5,
-                               err_msg=f'step {step}')
+  same_losses(losses(workdir), reference, rtol=1e-5)
   assert len({loss for _, loss in reference.values()}) == STEPS  # The curves can differ.
