@@ -56,8 +56,9 @@ ONE = jax.devices()[:1]
 def built(tmp_path_factory):
   root = tmp_path_factory.mktemp('real')
   questions, feats = write_vqa(str(root / 'vqa_manual'))
+  # devval_every=2: of the val images 5..8, 6 and 8 are held out (devval).
   vqa, _ = prepare.prepare('vqa_v2', manual_dir=root / 'vqa_manual', data_dir=root / 'vqa',
-                           feature_dim=D, num_answers=5)
+                           feature_dim=D, num_answers=5, devval_every=2)
   refs = {}
   for kind, regions_of in (('gt', gt_regions), ('det', det_regions)):
     write_refcoco(str(root / f'ref_manual_{kind}'), regions_of)
@@ -129,6 +130,46 @@ def test_vqa_v2_train_batches(built):
     assert sorted(ids) == sorted(q['question_id'] for q in qs['train'][18 * p:18 * (p + 1)])
     seen += list(ids)
   assert sorted(seen) == sorted(by_qid)
+
+
+def test_vqa_v2_trains_on_train_plus_restval(built):
+  builder, tok, qs = built['vqa'], built['tokenizer'], built['questions']
+  vocab = expected_vocab(qs)
+  restval = [q for q in qs['val'] if q['image_id'] in (5, 7)]
+  assert sorted(q['question_id'] for q in restval) == sorted(
+      int(r['question_id']) for r in builder.as_data_source('restval'))
+  assert sorted(int(r['question_id']) for r in builder.as_data_source('devval')) == sorted(
+      q['question_id'] for q in qs['val'] if q['image_id'] in (6, 8))
+  listed = qs['train'] + restval  # train, then restval: one list of 42 questions
+  by_qid = {q['question_id']: q for q in listed}
+  make = lambda **kw: dr.make_task_mixture_iterator(  # noqa: E731
+      [(builder, ['train', 'restval'])], SPEC, task='vqa', tokenizer=tok, seed=3,
+      name='vqa', **kw)
+  it = make()
+  batches = [next(it) for _ in range(8)]
+  for batch in batches:
+    assert batch['example_mask'].all()
+    _check_vqa_rows(batch, by_qid, built['feats'], vocab, tok)
+  first_epoch = np.concatenate([b['question_id'] for b in batches[:7]])
+  assert sorted(first_epoch) == sorted(by_qid)  # every question once per epoch
+  assert it.get_state() == {'next_index': 8, 'data': 'vqa'}
+  again = make()
+  again.set_state({'next_index': 5, 'data': 'vqa'})
+  for key, value in next(again).items():
+    np.testing.assert_array_equal(value, batches[5][key], err_msg=key)
+  # Two data shards: contiguous halves of the list (21 questions each).
+  for p in range(2):
+    shard = make(process_index=p, process_count=2)
+    ids = np.concatenate([next(shard)['question_id'] for _ in range(4)])[:21]
+    assert sorted(ids) == sorted(q['question_id'] for q in listed[21 * p:21 * (p + 1)])
+  # One split through the list reads what the one-split iterator reads.
+  one = dr.make_task_mixture_iterator([(builder, ['train'])], SPEC, task='vqa',
+                                      tokenizer=tok, seed=3)
+  ref = dr.make_task_train_iterator(builder, SPEC, task='vqa', tokenizer=tok, seed=3)
+  for _ in range(2):
+    a, b = next(one), next(ref)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_vqa_v2_labels_follow_an_ans2label_file(built, tmp_path):
@@ -275,8 +316,8 @@ def test_generic_decoding_reads_the_same(built, task, monkeypatch):
 
 def test_reader_errors(built, tmp_path):
   builder, tok = built['vqa'], built['tokenizer']
-  with pytest.raises(ValueError, match=r"no example split 'testA'; it has \['test_dev', "
-                                       r"'train', 'val'\]"):
+  with pytest.raises(ValueError, match=r"no example split 'testA'; it has \['devval', 'restval', "
+                                       r"'test_dev', 'train', 'val'\]"):
     dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, split='testA')
   with pytest.raises(ValueError, match='per-example fields'):
     dr.layout(builder, 're')
