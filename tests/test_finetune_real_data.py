@@ -45,7 +45,7 @@ from vlp.train import loop
 
 from real_format_fixtures import (D, POOL, ann_box, det_regions, expected_vocab, gt_regions,
                                   hand_accuracy, np_iou, ref_sentences, write_refcoco,
-                                  write_vqa, xyxy)
+                                  write_vg_qa, write_vqa, xyxy)
 from test_finetune import small  # The small-model config helper.
 
 ONE = jax.devices()[:1]
@@ -59,6 +59,9 @@ def built(tmp_path_factory):
   # devval_every=2: of the val images 5..8, 6 and 8 are held out (devval).
   vqa, _ = prepare.prepare('vqa_v2', manual_dir=root / 'vqa_manual', data_dir=root / 'vqa',
                            feature_dim=D, num_answers=5, devval_every=2)
+  write_vg_qa(str(root / 'vg_manual'), expected_vocab(questions))
+  vg, _ = prepare.prepare('vg_qa', manual_dir=root / 'vg_manual', data_dir=root / 'vg',
+                          feature_dim=D)
   refs = {}
   for kind, regions_of in (('gt', gt_regions), ('det', det_regions)):
     write_refcoco(str(root / f'ref_manual_{kind}'), regions_of)
@@ -69,7 +72,7 @@ def built(tmp_path_factory):
   texts += [raw for *_, sents in ref_sentences() for _, raw in sents]
   spm_path = root / 'spm.model'
   spm_path.write_bytes(vlp_scenes.train_spm(texts * 3, vocab_size=120))
-  return dict(root=root, vqa=vqa, questions=questions, feats=feats, refs=refs,
+  return dict(root=root, vqa=vqa, vg=vg, questions=questions, feats=feats, refs=refs,
               tokenizer=Tokenizer(str(spm_path)))
 
 
@@ -170,6 +173,45 @@ def test_vqa_v2_trains_on_train_plus_restval(built):
     a, b = next(one), next(ref)
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize('reverse', [False, True])
+def test_vqa_v2_and_vg_qa_as_one_list(built, reverse):
+  vqa, vg, tok, qs = built['vqa'], built['vg'], built['tokenizer'], built['questions']
+  vocab = expected_vocab(qs)
+  # reverse: another label order (an ans2label file): both datasets' targets recomputed.
+  answers = vocab[::-1] if reverse else None
+  labels = vocab[::-1] if reverse else vocab
+  vg_qs = {r['question_id']: r for r in
+           (vg.as_data_source('train')[i] for i in range(len(vg.as_data_source('train'))))}
+  assert len(vg_qs) == 4  # one of the 5 VG answers is outside the vocabulary
+  by_qid = {q['question_id']: q for q in qs['train']}
+  it = dr.make_task_mixture_iterator([(vqa, ['train']), (vg, ['train'])], SPEC, task='vqa',
+                                     tokenizer=tok, seed=5, answers=answers)
+  batches = [next(it) for _ in range(7)]  # 36 + 4 questions, and some of the next epoch
+  ids = np.concatenate([b['question_id'] for b in batches])
+  assert sorted(ids[:40]) == sorted(list(by_qid) + list(vg_qs))
+  vg_rows = 0
+  for batch in batches:
+    for i in range(6):
+      qid = int(batch['question_id'][i])
+      if qid in by_qid:
+        q = by_qid[qid]
+        want = [hand_accuracy(a, q['answers']) for a in labels]
+        np.testing.assert_allclose(batch['vqa_targets'][i], want, atol=1e-6)
+        np.testing.assert_array_equal(batch['img_feat'][i, :3], built['feats'][q['image_id']])
+        continue
+      vg_rows += 1
+      r = vg_qs[qid]
+      answer = r['answers'][0].decode()
+      want = np.zeros(len(vocab), np.float32)
+      want[labels.index(answer)] = 1.0  # its one answer, given by all 10 "humans"
+      np.testing.assert_array_equal(batch['vqa_targets'][i], want)
+      assert batch['image_id'][i] == r['image_id'] and r['image_id'] >= 11
+      # The VG image's regions, not the COCO image of the same row number.
+      assert batch['img_feat'][i, 0, 0] == np.float16(r['image_id'] + 0.5)
+      _check_text(batch, i, r['question'].decode(), tok)
+  assert vg_rows >= 4
 
 
 def test_vqa_v2_labels_follow_an_ans2label_file(built, tmp_path):

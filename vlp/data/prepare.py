@@ -5,7 +5,7 @@ r"""Builds a dataset from public files: `python -m vlp.data.prepare`.
   python -m vlp.data.prepare --dataset=vg_captions --manual_dir=/data/manual/vg \
       --data_dir=/data/tfds --features=lmdb:/data/uniter/img_db/vg
 
-Datasets: coco_karpathy, flickr30k_karpathy, vg_captions, vqa_v2, refcoco,
+Datasets: coco_karpathy, flickr30k_karpathy, vg_captions, vqa_v2, vg_qa, refcoco,
 refcoco_plus, refcocog (each builder's MANUAL_DOWNLOAD_INSTRUCTIONS say which
 files go where; `--help_dataset=NAME` prints them). Records are array_record
 under `<data_dir>/<dataset>/<config>/1.0.0/`; the config name lists the storage

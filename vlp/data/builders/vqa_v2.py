@@ -98,6 +98,7 @@ class VqaV2(region_base.RegionBuilder):
   SUPPORTED_VERSIONS = [tfds.core.Version('1.0.0')]  # older builds stay readable
   BUILDER_CONFIGS = region_base.standard_configs(VqaV2Config)
   DEFAULT_CONFIG_NAME = BUILDER_CONFIGS[0].name
+  IMAGES = 'COCO'  # whose images the `images` split holds (in messages)
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Put in <manual_dir> the official VQA v2 files (visualqa.org):\n' + ''.join(
           f'  {q}\n' + (f'  {a}\n' if a else '') for q, a in FILES.values())
@@ -197,7 +198,7 @@ class VqaV2(region_base.RegionBuilder):
 
   def _generate_images(self, image_ids, source):
     for image_id in image_ids:
-      record = self.read_image(source, image_id, f'COCO image {image_id}')
+      record = self.read_image(source, image_id, f'{self.IMAGES} image {image_id}')
       if record is None:
         self.report.drop('images', 'bad input or no features')
         continue
