@@ -60,8 +60,8 @@ def built(tmp_path_factory):
   vqa, _ = prepare.prepare('vqa_v2', manual_dir=root / 'vqa_manual', data_dir=root / 'vqa',
                            feature_dim=D, num_answers=5, devval_every=2)
   write_vg_qa(str(root / 'vg_manual'), expected_vocab(questions))
-  vg, _ = prepare.prepare('vg_qa', manual_dir=root / 'vg_manual', data_dir=root / 'vg',
-                          feature_dim=D)
+  vg, _ = prepare.prepare('vg_qa', manual_dir=root / 'vg_manual', data_dir=root / 'vqa',
+                          feature_dim=D)  # next to vqa_v2, as the VQA recipe reads both
   refs = {}
   for kind, regions_of in (('gt', gt_regions), ('det', det_regions)):
     write_refcoco(str(root / f'ref_manual_{kind}'), regions_of)
@@ -460,20 +460,28 @@ def _config(spec, built, data_builder, **overrides):
 
 
 @pytest.mark.slow
-def test_vqa_v2_finetune_val_and_test_dev(built, tmp_path):
+def test_vqa_v2_finetune_devval_and_test_dev(built, tmp_path):
   cfg = _config('configs/finetune_vqa.py:size=tiny,data=vqa_v2', built, built['vqa'],
                 total_steps=8, batch_size=8, eval_batch_size=8)
+  assert cfg.eval_split == 'devval'
+  cfg.data += '=2'
+  with pytest.raises(ValueError, match='one list of questions.*drop the weights'):
+    loop.train_and_evaluate(cfg, str(tmp_path / 'weighted'), devices=ONE)
+  vg = built['vg']  # the recipe's data, with the fixture's build names
+  cfg.data = (cfg.data[:-len('=2')] + ':train+restval,'
+              f'{vg.info.name}/{vg.builder_config.name}:train')
   work = str(tmp_path)
   out = loop.train_and_evaluate(cfg, work, devices=ONE)
   with open(os.path.join(work, 'metrics.jsonl')) as f:
     assert all(np.isfinite(r['loss/vqa']) for r in map(json.loads, f))
-  qs = {q['question_id']: q for q in built['questions']['val']}
+  # devval: the questions of val images 6 and 8 (devval_every=2).
+  qs = {q['question_id']: q for q in built['questions']['val'] if q['image_id'] in (6, 8)}
   results = vqa_eval.read_results(out['results_file'])
   assert sorted(r['question_id'] for r in results) == sorted(qs)
   vocab = expected_vocab(built['questions'])
   assert all(r['answer'] in vocab for r in results)
   hand = [hand_accuracy(r['answer'], qs[r['question_id']]['answers']) for r in results]
-  assert out['vqa_acc'] == round(100 * np.mean(hand), 2) and out['num_questions'] == 11
+  assert out['vqa_acc'] == round(100 * np.mean(hand), 2) and out['num_questions'] == 5
   for atype in ('yes/no', 'number', 'other'):
     mine = [h for r, h in zip(results, hand) if qs[r['question_id']]['answer_type'] == atype]
     if mine:
