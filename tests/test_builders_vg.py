@@ -128,3 +128,19 @@ def test_vg_qa_needs_its_vocabulary_and_features(tmp_path):
                               feature_dim=D, skip_bad=True)
   assert report.examples == {'images': 2, 'train': 3}
   assert report.dropped['questions']['train: image skipped (bad input or no features)'] == 1
+
+
+def test_vg_qa_bad_question(tmp_path):
+  manual = tmp_path / 'vgqa'
+  write_vg_qa(str(manual), ['yes', '2', 'dog'])
+  data = json.loads((manual / 'question_answers.json').read_text())
+  del data[1]['qas'][0]['answer']
+  (manual / 'question_answers.json').write_text(json.dumps(data))
+  with pytest.raises(BadInput, match=r"question_answers.json\[1\].qas\[0\].*no field 'answer'"):
+    prepare.prepare('vg_qa', manual_dir=manual, data_dir=tmp_path / 'a', feature_dim=D)
+  _, report = prepare.prepare('vg_qa', manual_dir=manual, data_dir=tmp_path / 'b',
+                              feature_dim=D, skip_bad=True)
+  # The broken question was the one outside the vocabulary: the same 4 remain.
+  assert report.examples == {'images': 3, 'train': 4}
+  assert report.dropped['questions'] == {'train: skipped bad input': 1}
+  assert dict(report.bad_input) == {'missing_field': 1}

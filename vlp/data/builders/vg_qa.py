@@ -79,9 +79,7 @@ class VgQa(vqa_v2.VqaV2):
       for j, qa in enumerate(qas):
         where = f'question_answers.json[{i}].qas[{j}]'
         try:
-          for key in ('qa_id', 'question', 'answer'):
-            if key not in qa:
-              raise BadInput('missing_field', where, f'no field {key!r}')
+          vqa_v2.require_fields(qa, ('qa_id', 'question', 'answer'), where)
           image_id = qa.get('image_id', entry.get('id'))
           if image_id is None:
             raise BadInput('missing_field', where, 'no image_id (nor an id of its image)')

@@ -81,6 +81,15 @@ def answer_vocab(builder) -> list[str]:
   return json.loads((epath.Path(builder.data_dir) / ANSWERS_FILENAME).read_text())
 
 
+def require_fields(record, keys, where: str) -> None:
+  """BadInput('missing_field') naming the first of `keys` that `record` lacks."""
+  if not isinstance(record, dict):
+    raise BadInput('missing_field', where, f'expected an object with fields {list(keys)}')
+  for key in keys:
+    if key not in record:
+      raise BadInput('missing_field', where, f'no field {key!r}')
+
+
 def _load_list(path: str, key: str) -> list:
   data = load_json(path)
   if not isinstance(data, dict) or not isinstance(data.get(key), list):
@@ -129,9 +138,8 @@ class VqaV2(region_base.RegionBuilder):
     if a_name:
       for i, ann in enumerate(_load_list(os.path.join(manual, a_name), 'annotations')):
         try:
-          for key in ('question_id', 'answers', 'multiple_choice_answer'):
-            if key not in ann:
-              raise BadInput('missing_field', f'{a_name}: annotations[{i}]', f'no field {key!r}')
+          require_fields(ann, ('question_id', 'answers', 'multiple_choice_answer'),
+                         f'{a_name}: annotations[{i}]')
         except BadInput as err:
           self.bad(err)
           continue
@@ -140,9 +148,7 @@ class VqaV2(region_base.RegionBuilder):
     for i, q in enumerate(questions):
       where = f'{q_name}: questions[{i}]'
       try:
-        for key in ('question_id', 'image_id', 'question'):
-          if key not in q:
-            raise BadInput('missing_field', where, f'no field {key!r}')
+        require_fields(q, ('question_id', 'image_id', 'question'), where)
         entry = {'question_id': int(q['question_id']), 'image_id': int(q['image_id']),
                  'question': str(q['question']), 'where': where}
         if a_name:
