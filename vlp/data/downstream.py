@@ -31,9 +31,8 @@ from typing import Sequence
 import numpy as np
 
 from vlp.data import examples, scenes, vqa_targets
-from vlp.data.batching import Batcher, BatchSpec, shard_range
+from vlp.data.batching import Batcher, BatchSpec, classes_for, shard_range
 from vlp.data.examples import ExampleIndex
-from vlp.data.batching import classes_for
 from vlp.data.image_records import ConcatRecords, ImageRecords
 from vlp.data.streams import EvalDataset, TrainIterator, train_iterator
 from vlp.data.tokenizer import Tokenizer
@@ -208,21 +207,19 @@ def make_task_mixture_iterator(parts: Sequence[tuple], spec: BatchSpec, *, task:
     raise ValueError('make_task_mixture_iterator needs at least one (builder, splits) part')
   if task == 'vqa' and answers is None:
     answers = answer_vocab(parts[0][0])
-  readers, images = [], []  # each builder's image records once, whatever its splits
+  # Each builder's `images` once, whatever its splits, after the previous builders'.
+  readers, images, first_row = [], [], {}
   for builder, splits in parts:
     if layout(builder, task) != 'examples':
       raise ValueError(f'{_where(builder)}: several splits or datasets are read from '
                        'per-example records (vqa_v2, vg_qa, refcoco builders) only')
     for split in splits:
       reader = _Reader(builder, spec, task, split, answers, target_scores)
-      known = [i for i, (b, _) in enumerate(images) if b is builder]
-      if known:
-        reader.images = images[known[0]][1]
-      else:
-        images.append((builder, reader.images))
+      if id(builder) not in first_row:
+        first_row[id(builder)] = sum(len(r) for r in images)
+        images.append(reader.images)
       readers.append(reader)
-  starts = np.cumsum([0] + [len(r) for _, r in images])
-  offsets = [int(starts[[b for b, _ in images].index(r.builder)]) for r in readers]
+  offsets = [first_row[id(r.builder)] for r in readers]
   sizes = np.asarray([r.num_examples for r in readers], np.int64)
   lo, hi = shard_range(int(sizes.sum()), process_index, process_count)
   if hi <= lo:
@@ -236,8 +233,8 @@ def make_task_mixture_iterator(parts: Sequence[tuple], spec: BatchSpec, *, task:
       pieces.append(reader.index(int(a), int(b)))
       piece_offsets.append(offset)
   index = examples.concat_indices(pieces, piece_offsets)
-  records = images[0][1] if len(images) == 1 else ConcatRecords([r for _, r in images])
-  classes = classes_for(spec, [r.num_classes for _, r in images])
+  records = images[0] if len(images) == 1 else ConcatRecords(images)
+  classes = classes_for(spec, [r.num_classes for r in images])
   batcher = Batcher(records, spec, tokenizer, index, readers[0].num_answers,
                     num_classes=classes)
   return train_iterator(batcher, seed=seed, process_index=process_index,

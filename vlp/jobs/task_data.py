@@ -72,8 +72,7 @@ class TaskData:
           [(b, p.splits) for p, b in self.parts], self.spec, task=self.task,
           tokenizer=self.tokenizer, seed=self.config.seed, process_index=shard,
           process_count=self.num_shards, start_index=start_index, answers=self.answers,
-          worker_count=self.config.data_workers,
-          name=name)
+          worker_count=self.config.data_workers, name=name)
              for shard in self.shards]
       return its[0] if len(its) == 1 else shards_lib.ShardedIterator(its)
     if len(self.parts) > 1 or self.parts[0][0].splits != ("train",):
