@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # cpu | cuda | tpu: which JAX backend `make install` adds (requirements-<platform>.txt).
 PLATFORM ?= cpu
 
-.PHONY: demo two-stage test install clean
+.PHONY: demo two-stage matching test install clean
 
 $(VENV)/.installed: requirements.txt setup.cfg
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ demo: $(VENV)/.installed
 two-stage: $(VENV)/.installed
 	$(PY) -m vlp.finetune --config=configs/finetune_retrieval.py:size=tiny,data=vlp_scenes,stage=dual --workdir=$(WORKDIR)/ft_retrieval_dual --config.data_dir=$(DATA_DIR) --config.init_from=$(WORKDIR)/ft_retrieval
 	$(PY) -m vlp.tools.demo_table $(WORKDIR)
+
+# Every image-text matching mechanism under one budget and seed on the demo data, one
+# table and chart (docs/matching.md; about 25 minutes on 2 CPU cores).
+matching: $(VENV)/.installed
+	$(PY) -m vlp.tools.matching_protocol --config=configs/matching.py --config.data_dir=$(DATA_DIR) --workdir=$(WORKDIR)/matching_protocol
 
 # Two pytest-xdist workers, each taking whole files (a module's fixtures, such as the
 # learning bars' pretrained checkpoint, are built once); tests/conftest.py lists the

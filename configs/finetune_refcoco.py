@@ -17,6 +17,8 @@ per update on one GPU, the loss summed over them, seed 24, and per dataset:
 
 import os
 
+import ml_collections
+
 from vlp import config_lib
 
 # data -> (learning rate, steps, warm-up, grounding head layers): the reference's.
@@ -49,4 +51,8 @@ def get_config(arg=None):
   # A second build of `data` from detector features (the "det" evaluation setting);
   # empty: only the setting of the main build (see vlp/jobs/grounding.py).
   c.det_data_dir = ""
+  # Ref-NMS's query-aware proposal filter (vlp/matching/proposals.py): keep > 0
+  # trains a relatedness head (BCE x weight) and also evaluates the grounding head
+  # on the `keep` proposals left by NMS at IoU `iou` after re-scoring.
+  c.proposal_filter = ml_collections.ConfigDict(dict(keep=0, iou=0.3, weight=1.0))
   return c

@@ -55,15 +55,18 @@ SLOWEST_FIRST = (
     "test_multiprocess_eval.py",  # 117
     "test_e2e_bert_pretrain.py",  # 44
     "test_multiprocess.py",  # 40
+    "test_matching_protocol.py",  # 39
     "test_finetune.py",  # 36
     "test_distributed.py",  # 36
     "test_train_loop.py",  # 32
     "test_downstream_tasks.py",  # 20
+    "test_matching_blocks.py",  # 19
     "test_pretrain_real_data.py",  # 17
     "test_export_import.py",  # 15
     "test_object_store.py",  # 15
     "test_aot.py",  # 15
     "test_bert_init.py",  # 13
+    "test_matching_proposals.py",  # 12
     "test_finetune_real_data.py",  # 11
 )
 

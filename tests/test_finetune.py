@@ -170,3 +170,19 @@ def test_frozen_backbone_holds_no_optimizer_state_and_resumes(pretrained_dir, tm
   moved = [not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(resumed.params["dual_output"]), jax.tree.leaves(state.params["dual_output"]))]
   assert any(moved)
+
+
+def test_matching_on_a_pretrained_uniter_backbone(pretrained_dir, tmp_path):
+  """The matching job's `encoder=uniter` loads the pretrained backbone (`init_from`)
+  and encodes each modality alone; the dual-stream encoders refuse `init_from`."""
+  from vlp.jobs.matching import make_matching_job
+  data_dir, init = pretrained_dir
+  cfg = small("configs/matching.py", data_dir, init_from=init, total_steps=3, eval_every=3,
+              checkpoint_every=3, log_every=1, two_stage_ks=(4,),
+              **{"matching.encoder": "uniter", "matching.eval_chunk": 20})
+  out = loop.train_and_evaluate(cfg, str(tmp_path / "uniter"), devices=ONE)
+  assert out["num_images"] == 100 and set(out) >= {"full", "dual", "two_stage_k4"}
+  assert out["full"]["pairs_scored"] == 100 * 500
+  cfg.matching.encoder = "dual_stream"
+  with pytest.raises(ValueError, match="matching.encoder='uniter'"):
+    make_matching_job(cfg, Feed.whole(cfg.batch_size))

@@ -153,6 +153,15 @@ def ref_cross_attention(v, w, score="cosine", activation="tanh", params=None,
   return pool_np(np.array(rel), agg, lambda_lse)
 
 
+def ref_hgan_3level(v, w, weights=(1 / 3, 1 / 3, 1 / 3), lambda_softmax=9.0):
+  rel = []
+  for word in w:
+    alpha = softmax(lambda_softmax * np.array([cos(word, r) for r in v]), 0)
+    rel.append(cos(word, alpha @ v))
+  levels = (np.mean(rel), cos(v.max(0), w.max(0)), cos(v.mean(0), w.mean(0)))
+  return float(np.dot(weights, levels))
+
+
 def reference_matrix(ref, regions, region_mask, tokens, token_mask, **hyper):
   regions, tokens = regions.astype(np.float64), tokens.astype(np.float64)
   out = np.zeros((len(regions), len(tokens)))
@@ -181,6 +190,8 @@ CASES = [
     ("aligned_local", {"direction": "region"}, ref_aligned_local),
     ("damsm_word", {}, ref_damsm_word),
     ("damsm_word", {"paper_scaling": True, "gamma1": 2.0}, ref_damsm_word),
+    ("hgan_3level", {}, ref_hgan_3level),
+    ("hgan_3level", {"weights": (0.5, 0.2, 0.3), "lambda_softmax": 2.0}, ref_hgan_3level),
 ] + [("cross_attention", {"score": s, "lambda_softmax": 3.0}, ref_cross_attention)
      for s in ("dot", "scaled_dot", "cosine", "general", "biased", "additive")] + [
     ("cross_attention", {"score": "activated", "activation": a, "agg": "lse"},

@@ -6,6 +6,7 @@
 | retrieval | image-caption pairs   | UniterForRetrieval   | full, dual and two-stage R@K    |
 | vqa       | questions per image   | UniterForVqa         | official VQA accuracy           |
 | grounding | expressions per image | UniterForGrounding   | accuracy at IoU >= 0.5          |
+| matching  | image-caption pairs   | MatchingModel        | full, dual and two-stage R@K    |
 
 Every job follows `vlp.jobs.base.Job`; the loop (`vlp.train.loop`) runs any of
 them the same way. The dual-encoder distillation (ALADIN's second stage) is the
@@ -28,6 +29,7 @@ JOBS = {
     "retrieval": ("vlp.jobs.retrieval", "make_retrieval_job"),
     "vqa": ("vlp.jobs.vqa", "make_vqa_job"),
     "grounding": ("vlp.jobs.grounding", "make_grounding_job"),
+    "matching": ("vlp.jobs.matching", "make_matching_job"),
 }
 
 

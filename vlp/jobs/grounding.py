@@ -8,6 +8,14 @@ region setting that has data: "gt" (the regions are the ground-truth boxes) and
 themselves ("gt" only). A refcoco build holds one region set per image, so its
 setting is read off the data (`region_setting`); `config.det_data_dir` adds a
 second build of the same dataset with detector regions.
+
+`config.proposal_filter.keep` > 0 adds Ref-NMS's query-aware proposal filter
+(`vlp.matching.proposals.FilteredGrounding`): a relatedness head trained with
+BCE next to the grounding loss (weight `proposal_filter.weight`), and an extra
+evaluation of the main build where the grounding head sees only the `keep`
+proposals that NMS (IoU `proposal_filter.iou`) keeps after re-scoring:
+accuracy with the filter, the hit rate (the referred region kept) and the
+mean number kept, under "proposal_filter".
 """
 
 from __future__ import annotations
@@ -23,17 +31,26 @@ from vlp.evaluators import grounding as grounding_eval
 from vlp.jobs import base, data_setup, eval_batches
 from vlp.jobs.base import EvalContext, Feed, Job
 from vlp.jobs.task_data import TaskData
+from vlp.matching import proposals
 from vlp.models.downstream import UniterForGrounding
-from vlp.tasks import make_loss_fn
+from vlp.tasks import common as task_common, make_loss_fn
 from vlp.train import flops, metrics as metrics_lib
 
 
 def make_grounding_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
   data = TaskData(config, feed, "re")
   model_cfg = data_setup.model_config_for(config, data.tokenizer)
+  make_model = grounding_model(config, model_cfg)
+  loss_fn = make_loss_fn("grounding")
+  pf = config.proposal_filter
+  if pf.keep > 0:
+    make_model = functools.partial(proposals.FilteredGrounding, model_cfg,
+                                   mlp=config.grounding_mlp, keep=pf.keep,
+                                   iou_threshold=pf.iou)
+    loss_fn = with_proposal_loss(loss_fn, pf.weight)
   return Job(
-      data=data, make_model=grounding_model(config, model_cfg),
-      loss_fns={"grounding": make_loss_fn("grounding")}, batch_kinds={"grounding": "re"},
+      data=data, make_model=make_model,
+      loss_fns={"grounding": loss_fn}, batch_kinds={"grounding": "re"},
       evaluate=functools.partial(evaluate_grounding, data=data),
       init_params=base.init_params_fn(config, model_cfg),
       eval_file=f"eval_{config.eval_split}.json",
@@ -53,6 +70,21 @@ def grounding_model(config: ml_collections.ConfigDict, model_cfg):
 
 def region_scores(model, batch):
   return model.encode(batch)["region_scores"]
+
+
+def filtered_scores(model, batch):
+  out = model.filtered_encode(batch)
+  return out["region_scores"], out["kept"]
+
+
+def with_proposal_loss(grounding_loss, weight: float):
+  """The grounding loss plus `weight` x the proposal scorer's BCE (metric loss/proposal)."""
+  def loss_fn(model, batch, rng):
+    loss, metrics = grounding_loss(model, batch, rng)
+    bce = proposals.proposal_bce(model.proposal_scorer(batch), batch["target_region"],
+                                 batch["img_mask"], task_common.example_weights(batch))
+    return loss + weight * bce, dict(metrics, **{"loss/proposal": bce})
+  return loss_fn
 
 
 def evaluate_grounding(params, ctx: EvalContext, *, data: TaskData) -> dict:
@@ -112,6 +144,9 @@ def evaluate_grounding(params, ctx: EvalContext, *, data: TaskData) -> dict:
     out.update({f"grounding_acc_{setting}/{s}": v for s, v in report[setting].items()})
   out["settings"] = notes
   out["counts"] = report["counts"]
+  if ctx.config.proposal_filter.keep > 0:
+    datasets = {split: data.eval_dataset(split, rows, data.builder) for split in splits}
+    out["proposal_filter"] = _filtered(params, ctx, rows, datasets, main, report[main])
   out["predictions_file"] = storage.join(ctx.workdir, "grounding_predictions.json")
   metrics_lib.write_json(out["predictions_file"], predictions)
   out["eval_seconds"] = time.perf_counter() - t0
@@ -138,6 +173,31 @@ def region_setting(layout: str, datasets: dict) -> tuple[str, str]:
 
 
 GT_IOU = 0.99
+
+
+def _filtered(params, ctx: EvalContext, rows: eval_batches.EvalRows, datasets: dict,
+              setting: str, unfiltered: dict) -> dict:
+  """Accuracy with only the kept proposals, hit rate and mean kept, per split."""
+  fn = eval_batches.forward_fn(ctx, filtered_scores)
+  agg = grounding_eval.GroundingAggregator()
+  pf = ctx.config.proposal_filter
+  out: dict = {"keep": pf.keep, "iou": pf.iou}
+  for split, ds in datasets.items():
+    hits, kept_counts = [], []
+    for batch in ds:
+      scores, kept = eval_batches.run_forward(fn, params, batch, ctx)
+      scores, kept = np.asarray(scores), np.asarray(kept)
+      real = rows.gather(batch["example_mask"])
+      agg.add_scores(setting, split, scores, rows.gather(batch["img_boxes"]),
+                     rows.gather(batch["gt_box"]), kept, real)
+      target = rows.gather(batch["target_region"])
+      hits.append(kept[np.arange(len(target)), target][real])
+      kept_counts.append(kept.sum(1)[real])
+    out[f"grounding_acc/{split}"] = agg.report()[setting].get(split)
+    out[f"unfiltered_acc/{split}"] = unfiltered.get(split)
+    out[f"hit_rate/{split}"] = 100.0 * float(np.mean(np.concatenate(hits)))
+    out[f"mean_kept/{split}"] = float(np.mean(np.concatenate(kept_counts)))
+  return out
 
 
 def _run_split(fn, params, ctx: EvalContext, rows: eval_batches.EvalRows, ds, agg, setting: str,

@@ -26,6 +26,8 @@ Registered names (hyper-parameters, defaults in brackets):
   damsm_word        AttnGAN DAMSM word relevance (gamma1 [4], gamma2 [5])
   cross_attention   SCAN-style attention with a chosen score function (score
                     ['cosine'], activation, lambda_softmax, agg, lambda_lse, params)
+  hgan_3level       HGAN-style (approximate): local + mid + global levels (weights
+                    [equal], lambda_softmax [9])
 
 Similarities with parameters take them as the keyword argument `params` (a pytree
 from `init_params(name, dim, key, **hyper)`); pass it at call time
@@ -45,6 +47,7 @@ from vlp.matching.similarity_alignment import (aligned_local, cosine_global,
                                                global_embedding, max_sum, token_flow)
 from vlp.matching.similarity_attention import (cross_attention, damsm_word, scan_i2t,
                                                scan_t2i)
+from vlp.matching.similarity_hierarchical import hgan_3level
 
 Similarity = Callable[..., jax.Array]
 
@@ -80,6 +83,7 @@ SIMILARITIES: dict[str, Similarity] = {
     "aligned_local": aligned_local,
     "damsm_word": damsm_word,
     "cross_attention": cross_attention,
+    "hgan_3level": hgan_3level,
 }
 
 DECOMPOSABLE = ("cosine_global",)
