@@ -12,8 +12,9 @@ flickr30k_karpathy | coco_karpathy). `matching.*` names the mechanism
 `text_encoder` transformer | bigru, `region_layers`, `text_layers`), COOKIE's
 `shared_layers`, HGAN-style `graph_layers`, the `scorer` (similarity | comma |
 slan, with `scorer_layers` / `filter_k`), `similarity` (vlp.matching.similarities) and
-`loss` with their arguments as "name=value,..." strings, and LOUPE's
-`shapley_weight`. The model widths are `model.*` (configs/base.py).
+`loss` with their arguments as "name=value,..." strings, `mean_warmup_steps`
+(hinge_hardest after that many steps of hinge_sum), and LOUPE's `shapley_weight`.
+The model widths are `model.*` (configs/base.py).
 """
 
 import os
@@ -41,9 +42,11 @@ def get_config(arg=None):
       shared_layers=0, graph_layers=0,
       scorer="similarity", scorer_layers=1, filter_k=4,
       similarity="cosine_global", similarity_args="",
-      # InfoNCE: VSE++'s hardest-negative hinge collapses from scratch on vlp_scenes,
-      # whose captions often repeat across images (docs/matching.md).
+      # InfoNCE: VSE++'s hardest-negative hinge alone collapses from scratch on
+      # vlp_scenes; it needs its summed-hinge warm-up first (docs/matching.md).
       loss="info_nce", loss_args="temperature=0.05",
+      # hinge_hardest only: hinge_sum for this many steps first (VSE-infinity's warm-up).
+      mean_warmup_steps=0,
       shapley_weight=0.0, shapley_permutations=4,
       eval_chunk=64 if tiny else 256))  # Images (and captions) per scoring block.
   # Two-stage: candidates per query from the global vectors, re-ranked by the score.

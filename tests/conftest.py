@@ -53,6 +53,7 @@ def full_optimization():
 SLOWEST_FIRST = (
     "test_learning_bars.py",  # 190
     "test_multiprocess_eval.py",  # 117
+    "test_e2e_bert_pretrain.py",  # 44
     "test_multiprocess.py",  # 40
     "test_matching_protocol.py",  # 39
     "test_finetune.py",  # 36

@@ -1,4 +1,5 @@
-"""Small fixtures in the official VQA v2 and RefCOCO formats, and hand references.
+"""Small fixtures in the official VQA v2, Visual Genome QA and RefCOCO formats, and
+hand references.
 
 Written for tests/test_finetune_real_data.py: VQA v2 question / annotation JSON plus
 a bottom-up-attention TSV; the refer toolkit's refs pickle, COCO instances.json and
@@ -86,21 +87,62 @@ def write_vqa(manual):
              'answer_type': q['answer_type'], 'question_type': q['question_type'],
              'answers': [{'answer': a, 'answer_confidence': 'yes', 'answer_id': j + 1}
                          for j, a in enumerate(q['answers'])]} for q in qs]}, f)
-  feats, lines = {}, []
-  for image_id in range(1, 9):
-    boxes = np.float32([[0, 0, 40, 30], [10 * image_id, 5, 90, 45], [50, 20, 99, 49]])
-    feats[image_id] = (image_id + 0.25 * np.arange(3 * D).reshape(3, D)).astype(np.float32)
-    lines.append('\t'.join([str(image_id), '100', '50', '3',
-                            base64.b64encode(boxes.tobytes()).decode(),
-                            base64.b64encode(feats[image_id].tobytes()).decode()]))
-  with open(os.path.join(manual, 'features', 'f.tsv'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  return out, feats
+  return out, _write_tsv(os.path.join(manual, 'features', 'f.tsv'), range(1, 9))
 
 
 def expected_vocab(questions, size=5):
   counts = collections.Counter(q['multiple_choice_answer'] for q in questions['train'])
   return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+
+
+def _write_tsv(path, image_ids, base=0.0):
+  """Bottom-up-attention TSV of 3 regions per image; returns {image_id: features}."""
+  feats, lines = {}, []
+  for image_id in image_ids:
+    boxes = np.float32([[0, 0, 40, 30], [10 * (image_id % 9), 5, 90, 45], [50, 20, 99, 49]])
+    feats[image_id] = (base + image_id + 0.25 * np.arange(3 * D).reshape(3, D)).astype(
+        np.float32)
+    lines.append('\t'.join([str(image_id), '100', '50', '3',
+                            base64.b64encode(boxes.tobytes()).decode(),
+                            base64.b64encode(feats[image_id].tobytes()).decode()]))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return feats
+
+
+def write_vg_qa(manual, vocab):
+  """Visual Genome v1.2 question_answers.json / image_data.json for VG images
+  11..14 (14 has no questions), answers decorated versions of `vocab` answers plus
+  one outside it; the vocabulary as vqa_answers.json ({answer: label}, UNITER's
+  ans2label.json layout). Returns ({qa_id: question dict with the normalised
+  answer, None when out of vocabulary}, features)."""
+  os.makedirs(manual, exist_ok=True)
+  asked = {11: [('What is this?', f'The {vocab[0]}.'), ('Is it  red?', vocab[1].upper())],
+           12: [('Where is the cat?', 'On a very tall chair.'),
+                ('What color?', f' {vocab[2]}. ')],
+           13: [('Why?', f'A {vocab[0]}')]}
+  qas_json, out, qa_id = [], {}, 900
+  for image_id in (11, 12, 13, 14):
+    qas = []
+    for question, answer in asked.get(image_id, []):
+      qa_id += 1
+      qas.append({'a_objects': [], 'question': question, 'image_id': image_id,
+                  'qa_id': qa_id, 'answer': answer, 'q_objects': []})
+      norm = hand_norm(answer.replace(',', ''))
+      out[qa_id] = {'question_id': qa_id, 'image_id': image_id,
+                    'question': ' '.join(question.split()),
+                    'answer': norm if norm in vocab else None}
+    qas_json.append({'id': image_id, 'qas': qas})
+  meta = [{'image_id': i, 'width': 100, 'height': 50, 'coco_id': None, 'flickr_id': None,
+           'url': f'https://cs.stanford.edu/people/rak248/VG_100K/{i}.jpg'}
+          for i in (11, 12, 13, 14)]
+  for name, data in (('question_answers.json', qas_json), ('image_data.json', meta),
+                     ('vqa_answers.json', {a: k for k, a in enumerate(vocab)})):
+    with open(os.path.join(manual, name), 'w') as f:
+      json.dump(data, f)
+  feats = _write_tsv(os.path.join(manual, 'features', 'vg.tsv'), (11, 12, 13, 14), base=0.5)
+  return out, feats
 
 
 # ------------------------------------------------------------------ RefCOCO fixture

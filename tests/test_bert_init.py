@@ -35,40 +35,17 @@ from vlp.models.uniter_config import model_config
 from vlp.tools import import_uniter
 from vlp.train import loop
 
+from bert_folder import (HEADS_N, HF_CONFIG, ID, INTER, LAYERS, MAXPOS, MODEL, VOCAB, H,
+                         write_bert_folder, write_vocab)
 from test_builders_karpathy import COCO, write_images  # Karpathy-format fixture writer.
 
 torch = pytest.importorskip('torch', reason='needs torch: make test installs '
                             'requirements-torch.txt')
-from safetensors.torch import save_file as save_torch_safetensors  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE = jax.devices()[:1]
 D = 16  # Region feature size of the Karpathy fixture.
 CLASSES = 9  # The tiny pretraining config's region classes.
-# bert-base-cased's layout: [PAD], [unused*], [UNK], [CLS], [SEP], [MASK], then pieces.
-VOCAB = (['[PAD]', '[unused0]', '[unused1]', '[unused2]', '[UNK]', '[CLS]', '[SEP]', '[MASK]',
-          '.', ',', '!', "'", '-'] + list('0123456789') + [f'##{d}' for d in '0123456789']
-         + ['Caption', 'of', 'image', 'with', 'a', 'dog', 'the', 'cat', 'play', '##ing', 'café',
-            'cafe', 'naïve', 'naive', '日', '本', 'un', '##believ', '##able', 'New', 'York',
-            'new', 'york', 's', 't', 'don'])
-ID = {t: i for i, t in enumerate(VOCAB)}
-H, LAYERS, HEADS_N, INTER, MAXPOS = 32, 1, 2, 64, 512
-HF_CONFIG = {'architectures': ['BertForPreTraining'], 'model_type': 'bert',
-             'attention_probs_dropout_prob': 0.1, 'hidden_act': 'gelu',
-             'hidden_dropout_prob': 0.1, 'hidden_size': H, 'initializer_range': 0.02,
-             'intermediate_size': INTER, 'layer_norm_eps': 1e-12,
-             'max_position_embeddings': MAXPOS, 'num_attention_heads': HEADS_N,
-             'num_hidden_layers': LAYERS, 'pad_token_id': 0, 'type_vocab_size': 2,
-             'vocab_size': len(VOCAB)}
-# The model keys the jobs' configs set (the `small` helper of tests/test_finetune.py).
-MODEL = {'model.hidden_size': H, 'model.num_layers': LAYERS, 'model.num_heads': HEADS_N,
-         'model.intermediate_size': INTER, 'model.hidden_dropout': 0.0,
-         'model.attention_dropout': 0.0}
-
-
-def write_vocab(path):
-  path.write_text('\n'.join(VOCAB) + '\n', encoding='utf-8')
-  return str(path)
 
 
 # ------------------------------------------------------------------ WordPiece
@@ -118,39 +95,6 @@ def test_wordpiece_matches_hand_tokenisations(tmp_path):
 
 
 # ------------------------------------------------------------------ BERT import
-def bert_tensors(seed=0):
-  """A BertForPreTraining state dict as HuggingFace publishes bert-base-cased: old
-  LayerNorm names (gamma / beta), the MLM and next-sentence heads."""
-  g = torch.Generator().manual_seed(seed)
-  r = lambda *shape: torch.randn(*shape, generator=g) * 0.05
-  sd = {'bert.embeddings.word_embeddings.weight': r(len(VOCAB), H),
-        'bert.embeddings.position_embeddings.weight': r(MAXPOS, H),
-        'bert.embeddings.token_type_embeddings.weight': r(2, H)}
-
-  def linear(name, n_out, n_in):
-    sd[f'{name}.weight'], sd[f'{name}.bias'] = r(n_out, n_in), r(n_out)
-
-  def norm(name):
-    sd[f'{name}.gamma'], sd[f'{name}.beta'] = 1 + r(H), r(H)
-
-  norm('bert.embeddings.LayerNorm')
-  for i in range(LAYERS):
-    p = f'bert.encoder.layer.{i}'
-    for n in ('query', 'key', 'value'):
-      linear(f'{p}.attention.self.{n}', H, H)
-    linear(f'{p}.attention.output.dense', H, H)
-    norm(f'{p}.attention.output.LayerNorm')
-    linear(f'{p}.intermediate.dense', INTER, H)
-    linear(f'{p}.output.dense', H, INTER)
-    norm(f'{p}.output.LayerNorm')
-  linear('bert.pooler.dense', H, H)
-  linear('cls.predictions.transform.dense', H, H)
-  norm('cls.predictions.transform.LayerNorm')
-  sd['cls.predictions.bias'] = r(len(VOCAB))
-  linear('cls.seq_relationship', 2, H)
-  return sd
-
-
 def hand_path(key):
   """The vlp parameter path of a BERT key and whether torch stores it transposed,
   written out from the two models' layouts (not from vlp's name table)."""
@@ -182,12 +126,7 @@ def hf_bert(tmp_path_factory):
   """A HuggingFace BERT folder (model.safetensors) and its import."""
   root = tmp_path_factory.mktemp('bert')
   folder = root / 'bert-tiny-cased'
-  folder.mkdir()
-  sd = bert_tensors()
-  save_torch_safetensors(sd, str(folder / 'model.safetensors'))
-  (folder / 'config.json').write_text(json.dumps(HF_CONFIG))
-  (folder / 'tokenizer_config.json').write_text(json.dumps({'do_lower_case': False}))
-  write_vocab(folder / 'vocab.txt')
+  sd = write_bert_folder(folder)
   out = root / 'imported'
   config, summary, ignored = import_uniter.import_checkpoint(
       str(folder), None, str(out), img_dim=D, num_region_classes=CLASSES, seed=3)

@@ -181,7 +181,8 @@ def test_flickr_default_config_trains_with_masking(tmp_path):
   for kind in kinds:
     batch = next(it)
     assert batch['img_feat'].shape == (4, 36, 2048)
-    assert batch['soft_labels'].shape == (4, 36, 1601) and not batch['soft_labels'].any()
+    # No soft labels in this build: a zero-width array, not 1601 zeros per region.
+    assert batch['soft_labels'].shape == (4, 36, 0)
     assert set(batch['image_id']) <= {1000092795, 10002456}
     assert {'mlm': 'mlm_labels', 'mrm': 'mrfr_target', 'itm': 'itm_target'}[kind] in batch
   it.close()

@@ -96,6 +96,7 @@ def test_vqa_records(tmp_path):
   assert vqa_v2.answer_vocab(builder) == ['yes', '2', 'bird']
   assert report.examples == {'images': 4, 'train': 5, 'val': 2, 'test_dev': 2}
   assert 'not built' in report.notes['split test']
+  assert 'fewer than 10 images' in report.notes['split devval']  # 2 val images
   images = builder.as_data_source('images')
   assert [images[i]['image_id'] for i in range(4)] == [1, 2, 3, 4]
   assert images[1]['features'].shape == (3, D) and images[1]['features'][0, 0] == 2
@@ -130,3 +131,31 @@ def test_vqa_missing_image_features(tmp_path):
   assert report.examples == {'images': 3, 'train': 5, 'val': 2, 'test_dev': 1}
   assert dict(report.bad_input) == {'missing_features': 1}
   assert report.dropped['questions'] == {'test_dev: image skipped (bad input or no features)': 1}
+
+
+def test_split_devval_by_hand():
+  qs = [{'question_id': q, 'image_id': i} for q, i in
+        [(1, 30), (2, 10), (3, 20), (4, 40), (5, 20), (6, 50), (7, 60), (8, 40)]]
+  # Images by id: 10 20 30 40 50 60 -> ranks 2 and 5 (ids 30, 60) are held out at every=3.
+  devval, restval = vqa_v2.split_devval(qs, 3)
+  assert [q['question_id'] for q in devval] == [1, 7]
+  assert [q['question_id'] for q in restval] == [2, 3, 4, 5, 6, 8]
+  devval, restval = vqa_v2.split_devval(qs, 2)  # ids 20, 40, 60
+  assert [q['question_id'] for q in devval] == [3, 4, 5, 7, 8]
+  assert vqa_v2.split_devval(qs, 0) == ([], qs)
+  with pytest.raises(ValueError, match='devval_every'):
+    vqa_v2.split_devval(qs, -1)
+
+
+def test_vqa_devval_and_restval_splits(tmp_path):
+  _write(str(tmp_path / 'm'))
+  builder, report = prepare.prepare('vqa_v2', manual_dir=tmp_path / 'm', data_dir=tmp_path / 'd',
+                                    feature_dim=D, num_answers=3, devval_every=2)
+  assert builder.builder_config.name == 'float16_d8_ans3_devval2'
+  # val images by id: 2 (q7), 4 (q6); rank 1 (image 4) is held out.
+  assert report.examples == {'images': 4, 'train': 5, 'val': 2, 'test_dev': 2,
+                             'devval': 1, 'restval': 1}
+  assert builder.as_data_source('devval')[0]['question_id'] == 6
+  rest = builder.as_data_source('restval')[0]
+  assert rest['question_id'] == 7 and list(rest['labels']) == [1, 2]
+  np.testing.assert_allclose(rest['scores'], [0.3, 0.3])

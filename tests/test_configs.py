@@ -216,6 +216,10 @@ def test_base_configs_follow_the_reference_recipes():
     assert c.optimizer.clip_scale == 1.0 and c.best_metric == "grounding_acc"
   vqa = load("configs/finetune_vqa.py")
   assert (vqa.optimizer.clip_scale, vqa.best_metric, vqa.answer_vocab) == (20, "vqa_acc", "")
+  # train-vqa-base-4gpu.json: vqa_train + vqa_trainval + vqa_vg, selected on vqa_devval.
+  assert (vqa.data, vqa.eval_split) == ("vqa_v2:train+restval,vg_qa:train", "devval")
+  scenes = load("configs/finetune_vqa.py:size=tiny,data=vlp_scenes")
+  assert (scenes.data, scenes.eval_split) == ("vlp_scenes", "val")
   # itm-*-hard: 128 anchors per direction, 399 candidates and 31 hard negatives each.
   ret = load("configs/finetune_retrieval.py:data=coco_karpathy")
   assert (ret.batch_size, ret.retrieval_ft.num_anchors, ret.retrieval_ft.num_hard_negatives,

@@ -45,7 +45,7 @@ from vlp.train import loop
 
 from real_format_fixtures import (D, POOL, ann_box, det_regions, expected_vocab, gt_regions,
                                   hand_accuracy, np_iou, ref_sentences, write_refcoco,
-                                  write_vqa, xyxy)
+                                  write_vg_qa, write_vqa, xyxy)
 from test_finetune import small  # The small-model config helper.
 
 ONE = jax.devices()[:1]
@@ -56,8 +56,12 @@ ONE = jax.devices()[:1]
 def built(tmp_path_factory):
   root = tmp_path_factory.mktemp('real')
   questions, feats = write_vqa(str(root / 'vqa_manual'))
+  # devval_every=2: of the val images 5..8, 6 and 8 are held out (devval).
   vqa, _ = prepare.prepare('vqa_v2', manual_dir=root / 'vqa_manual', data_dir=root / 'vqa',
-                           feature_dim=D, num_answers=5)
+                           feature_dim=D, num_answers=5, devval_every=2)
+  write_vg_qa(str(root / 'vg_manual'), expected_vocab(questions))
+  vg, _ = prepare.prepare('vg_qa', manual_dir=root / 'vg_manual', data_dir=root / 'vqa',
+                          feature_dim=D)  # next to vqa_v2, as the VQA recipe reads both
   refs = {}
   for kind, regions_of in (('gt', gt_regions), ('det', det_regions)):
     write_refcoco(str(root / f'ref_manual_{kind}'), regions_of)
@@ -68,7 +72,7 @@ def built(tmp_path_factory):
   texts += [raw for *_, sents in ref_sentences() for _, raw in sents]
   spm_path = root / 'spm.model'
   spm_path.write_bytes(vlp_scenes.train_spm(texts * 3, vocab_size=120))
-  return dict(root=root, vqa=vqa, questions=questions, feats=feats, refs=refs,
+  return dict(root=root, vqa=vqa, vg=vg, questions=questions, feats=feats, refs=refs,
               tokenizer=Tokenizer(str(spm_path)))
 
 
@@ -129,6 +133,85 @@ def test_vqa_v2_train_batches(built):
     assert sorted(ids) == sorted(q['question_id'] for q in qs['train'][18 * p:18 * (p + 1)])
     seen += list(ids)
   assert sorted(seen) == sorted(by_qid)
+
+
+def test_vqa_v2_trains_on_train_plus_restval(built):
+  builder, tok, qs = built['vqa'], built['tokenizer'], built['questions']
+  vocab = expected_vocab(qs)
+  restval = [q for q in qs['val'] if q['image_id'] in (5, 7)]
+  assert sorted(q['question_id'] for q in restval) == sorted(
+      int(r['question_id']) for r in builder.as_data_source('restval'))
+  assert sorted(int(r['question_id']) for r in builder.as_data_source('devval')) == sorted(
+      q['question_id'] for q in qs['val'] if q['image_id'] in (6, 8))
+  listed = qs['train'] + restval  # train, then restval: one list of 42 questions
+  by_qid = {q['question_id']: q for q in listed}
+  make = lambda **kw: dr.make_task_mixture_iterator(  # noqa: E731
+      [(builder, ['train', 'restval'])], SPEC, task='vqa', tokenizer=tok, seed=3,
+      name='vqa', **kw)
+  it = make()
+  batches = [next(it) for _ in range(8)]
+  for batch in batches:
+    assert batch['example_mask'].all()
+    _check_vqa_rows(batch, by_qid, built['feats'], vocab, tok)
+  first_epoch = np.concatenate([b['question_id'] for b in batches[:7]])
+  assert sorted(first_epoch) == sorted(by_qid)  # every question once per epoch
+  assert it.get_state() == {'next_index': 8, 'data': 'vqa'}
+  again = make()
+  again.set_state({'next_index': 5, 'data': 'vqa'})
+  for key, value in next(again).items():
+    np.testing.assert_array_equal(value, batches[5][key], err_msg=key)
+  # Two data shards: contiguous halves of the list (21 questions each).
+  for p in range(2):
+    shard = make(process_index=p, process_count=2)
+    ids = np.concatenate([next(shard)['question_id'] for _ in range(4)])[:21]
+    assert sorted(ids) == sorted(q['question_id'] for q in listed[21 * p:21 * (p + 1)])
+  # One split through the list reads what the one-split iterator reads.
+  one = dr.make_task_mixture_iterator([(builder, ['train'])], SPEC, task='vqa',
+                                      tokenizer=tok, seed=3)
+  ref = dr.make_task_train_iterator(builder, SPEC, task='vqa', tokenizer=tok, seed=3)
+  for _ in range(2):
+    a, b = next(one), next(ref)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize('reverse', [False, True])
+def test_vqa_v2_and_vg_qa_as_one_list(built, reverse):
+  vqa, vg, tok, qs = built['vqa'], built['vg'], built['tokenizer'], built['questions']
+  vocab = expected_vocab(qs)
+  # reverse: another label order (an ans2label file): both datasets' targets recomputed.
+  answers = vocab[::-1] if reverse else None
+  labels = vocab[::-1] if reverse else vocab
+  vg_qs = {r['question_id']: r for r in
+           (vg.as_data_source('train')[i] for i in range(len(vg.as_data_source('train'))))}
+  assert len(vg_qs) == 4  # one of the 5 VG answers is outside the vocabulary
+  by_qid = {q['question_id']: q for q in qs['train']}
+  it = dr.make_task_mixture_iterator([(vqa, ['train']), (vg, ['train'])], SPEC, task='vqa',
+                                     tokenizer=tok, seed=5, answers=answers)
+  batches = [next(it) for _ in range(7)]  # 36 + 4 questions, and some of the next epoch
+  ids = np.concatenate([b['question_id'] for b in batches])
+  assert sorted(ids[:40]) == sorted(list(by_qid) + list(vg_qs))
+  vg_rows = 0
+  for batch in batches:
+    for i in range(6):
+      qid = int(batch['question_id'][i])
+      if qid in by_qid:
+        q = by_qid[qid]
+        want = [hand_accuracy(a, q['answers']) for a in labels]
+        np.testing.assert_allclose(batch['vqa_targets'][i], want, atol=1e-6)
+        np.testing.assert_array_equal(batch['img_feat'][i, :3], built['feats'][q['image_id']])
+        continue
+      vg_rows += 1
+      r = vg_qs[qid]
+      answer = r['answers'][0].decode()
+      want = np.zeros(len(vocab), np.float32)
+      want[labels.index(answer)] = 1.0  # its one answer, given by all 10 "humans"
+      np.testing.assert_array_equal(batch['vqa_targets'][i], want)
+      assert batch['image_id'][i] == r['image_id'] and r['image_id'] >= 11
+      # The VG image's regions, not the COCO image of the same row number.
+      assert batch['img_feat'][i, 0, 0] == np.float16(r['image_id'] + 0.5)
+      _check_text(batch, i, r['question'].decode(), tok)
+  assert vg_rows >= 4
 
 
 def test_vqa_v2_labels_follow_an_ans2label_file(built, tmp_path):
@@ -275,8 +358,8 @@ def test_generic_decoding_reads_the_same(built, task, monkeypatch):
 
 def test_reader_errors(built, tmp_path):
   builder, tok = built['vqa'], built['tokenizer']
-  with pytest.raises(ValueError, match=r"no example split 'testA'; it has \['test_dev', "
-                                       r"'train', 'val'\]"):
+  with pytest.raises(ValueError, match=r"no example split 'testA'; it has \['devval', 'restval', "
+                                       r"'test_dev', 'train', 'val'\]"):
     dr.make_task_eval_dataset(builder, SPEC, task='vqa', tokenizer=tok, split='testA')
   with pytest.raises(ValueError, match='per-example fields'):
     dr.layout(builder, 're')
@@ -377,20 +460,28 @@ def _config(spec, built, data_builder, **overrides):
 
 
 @pytest.mark.slow
-def test_vqa_v2_finetune_val_and_test_dev(built, tmp_path):
+def test_vqa_v2_finetune_devval_and_test_dev(built, tmp_path):
   cfg = _config('configs/finetune_vqa.py:size=tiny,data=vqa_v2', built, built['vqa'],
                 total_steps=8, batch_size=8, eval_batch_size=8)
+  assert cfg.eval_split == 'devval'
+  cfg.data += '=2'
+  with pytest.raises(ValueError, match='one list of questions.*drop the weights'):
+    loop.train_and_evaluate(cfg, str(tmp_path / 'weighted'), devices=ONE)
+  vg = built['vg']  # the recipe's data, with the fixture's build names
+  cfg.data = (cfg.data[:-len('=2')] + ':train+restval,'
+              f'{vg.info.name}/{vg.builder_config.name}:train')
   work = str(tmp_path)
   out = loop.train_and_evaluate(cfg, work, devices=ONE)
   with open(os.path.join(work, 'metrics.jsonl')) as f:
     assert all(np.isfinite(r['loss/vqa']) for r in map(json.loads, f))
-  qs = {q['question_id']: q for q in built['questions']['val']}
+  # devval: the questions of val images 6 and 8 (devval_every=2).
+  qs = {q['question_id']: q for q in built['questions']['val'] if q['image_id'] in (6, 8)}
   results = vqa_eval.read_results(out['results_file'])
   assert sorted(r['question_id'] for r in results) == sorted(qs)
   vocab = expected_vocab(built['questions'])
   assert all(r['answer'] in vocab for r in results)
   hand = [hand_accuracy(r['answer'], qs[r['question_id']]['answers']) for r in results]
-  assert out['vqa_acc'] == round(100 * np.mean(hand), 2) and out['num_questions'] == 11
+  assert out['vqa_acc'] == round(100 * np.mean(hand), 2) and out['num_questions'] == 5
   for atype in ('yes/no', 'number', 'other'):
     mine = [h for r, h in zip(results, hand) if qs[r['question_id']]['answer_type'] == atype]
     if mine:

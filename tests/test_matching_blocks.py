@@ -210,3 +210,69 @@ def test_every_parameter_carries_logical_axis_names(spec):
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     names = var.get_metadata().get("out_sharding")
     assert names is not None and len(names) == var[...].ndim, (path, names)
+
+
+class FixedScores:
+  """A stand-in model whose score matrix is given: the objective's loss by hand."""
+
+  def __init__(self, scores):
+    self.matrix = jnp.asarray(scores, jnp.float32)
+
+  def encode_image(self, batch, rngs=None):
+    return jnp.zeros((3, 1, 1)), jnp.ones((3, 1), bool)
+
+  def encode_text(self, batch, rngs=None):
+    return jnp.zeros((3, 1, 1)), jnp.ones((3, 1), bool)
+
+  def scores(self, regions, region_mask, tokens, token_mask, rngs=None):
+    return self.matrix
+
+
+def test_mean_warmup_is_hinge_sum_before_its_last_step_and_hinge_hardest_after():
+  from vlp.matching.objective import STEP_KEY, make_matching_loss
+  model = FixedScores([[0.9, 0.5, 0.8],
+                       [0.6, 0.7, 0.3],
+                       [0.2, 0.6, 0.4]])
+  # Margin 0.2, diagonal positives. Images (rows): anchor 0.9 -> [0, 0.1];
+  # 0.7 -> [0.1, 0]; 0.4 -> [0, 0.4]. Captions (columns): 0.9 -> [0, 0];
+  # 0.7 -> [0, 0.1]; 0.4 -> [0.6, 0.1]. Mean over the 3 anchors per direction.
+  summed = (0.1 + 0.1 + 0.4) / 3 + (0.0 + 0.1 + 0.7) / 3
+  hardest = (0.1 + 0.1 + 0.4) / 3 + (0.0 + 0.1 + 0.6) / 3
+  fn = make_matching_loss(loss="hinge_hardest", loss_args="margin=0.2", mean_warmup_steps=2)
+  loss_at = jax.jit(lambda step: fn(model, {"input_ids": jnp.zeros((3, 2), jnp.int32),
+                                            STEP_KEY: jnp.full((3,), step, jnp.int32)},
+                                    None)[0])
+  for step, want in [(0, summed), (1, summed), (2, hardest), (7, hardest)]:
+    assert float(loss_at(step)) == pytest.approx(want, abs=1e-6), step
+  plain = make_matching_loss(loss="hinge_hardest", loss_args="margin=0.2")
+  assert float(plain(model, {"input_ids": np.zeros((3, 2))}, None)[0]) == pytest.approx(
+      hardest, abs=1e-6)
+  with pytest.raises(ValueError, match="train_step"):
+    fn(model, {"input_ids": np.zeros((3, 2))}, None)
+  with pytest.raises(ValueError, match="mean_warmup_steps=5 warms up 'hinge_hardest'"):
+    make_matching_loss(loss="info_nce", mean_warmup_steps=5)
+
+
+def test_step_stamped_stream_stamps_each_batch_with_its_index_and_resumes():
+  from vlp.data.streams import StepStamped
+
+  class Stream:  # The TrainIterator surface StepStamped reads.
+    def __init__(self):
+      self.next_index = 3
+
+    def get_state(self):
+      return {"next_index": self.next_index}
+
+    def set_state(self, state):
+      self.next_index = state["next_index"]
+
+    def __next__(self):
+      self.next_index += 1
+      return {"input_ids": np.zeros((2, 4), np.int32)}
+
+  stream = StepStamped(Stream(), "train_step")
+  assert next(stream)["train_step"].tolist() == [3, 3]
+  assert next(stream)["train_step"].tolist() == [4, 4]
+  stream.set_state({"next_index": 10})
+  assert stream.get_state() == {"next_index": 10}
+  assert next(stream)["train_step"].dtype == np.int32

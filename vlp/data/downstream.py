@@ -17,21 +17,28 @@ as the pair batches (vlp.data.streams).
 Sharding: a training shard takes a contiguous slice of the split's images
 ('images' layout) or examples ('examples'); evaluation slices the examples, so
 shards differ by at most one example.
+
+Several splits and datasets (`make_task_mixture_iterator`, per-example records):
+their examples are read as one list, in the order given (as the reference's
+concatenated VQA training sets), each once per epoch; a shard takes its
+contiguous slice of that list.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from vlp.data import examples, scenes, vqa_targets
-from vlp.data.batching import Batcher, BatchSpec, shard_range
+from vlp.data.batching import Batcher, BatchSpec, classes_for, shard_range
 from vlp.data.examples import ExampleIndex
-from vlp.data.image_records import ImageRecords
+from vlp.data.image_records import ConcatRecords, ImageRecords
 from vlp.data.streams import EvalDataset, TrainIterator, train_iterator
 from vlp.data.tokenizer import Tokenizer
 
 __all__ = ['TASKS', 'TARGET_SCORES', 'IMAGES_SPLIT', 'layout', 'answer_vocab', 'vqa_annotations',
-           'make_task_train_iterator', 'make_task_eval_dataset']
+           'make_task_train_iterator', 'make_task_mixture_iterator', 'make_task_eval_dataset']
 
 TASKS = ('vqa', 're')
 IMAGES_SPLIT = 'images'  # the image records of the per-example builders
@@ -169,15 +176,70 @@ def make_task_train_iterator(builder, spec: BatchSpec, *, task: str, tokenizer: 
       raise ValueError(f'split {split!r} of {reader.images.name}: images [{lo}, {hi}) of '
                        f'process {process_index}/{process_count} have no '
                        f'{examples.SCENE_FIELDS[task]}')
-  else:
-    lo, hi = shard_range(reader.num_examples, process_index, process_count)
-    if hi <= lo:
-      raise ValueError(f'split {split!r} of {_where(builder)} has {reader.num_examples} '
-                       f'examples: too few for {process_count} data shards')
-    index = reader.index(lo, hi)
-  return train_iterator(reader.batcher(index, tokenizer), seed=seed,
-                        process_index=process_index, start_index=start_index,
-                        worker_count=worker_count, num_threads=num_threads, prefetch=prefetch)
+    return train_iterator(reader.batcher(index, tokenizer), seed=seed,
+                          process_index=process_index, start_index=start_index,
+                          worker_count=worker_count, num_threads=num_threads,
+                          prefetch=prefetch)
+  return make_task_mixture_iterator(
+      [(builder, [split])], spec, task=task, tokenizer=tokenizer, seed=seed,
+      process_index=process_index, process_count=process_count, start_index=start_index,
+      answers=answers, target_scores=target_scores, worker_count=worker_count,
+      num_threads=num_threads, prefetch=prefetch)
+
+
+def make_task_mixture_iterator(parts: Sequence[tuple], spec: BatchSpec, *, task: str,
+                               tokenizer: Tokenizer, seed: int, process_index: int = 0,
+                               process_count: int = 1, start_index: int = 0,
+                               answers: list[str] | None = None,
+                               target_scores: str | None = None, worker_count: int = 0,
+                               num_threads: int = 2, prefetch: int = 4,
+                               name: str | None = None) -> TrainIterator:
+  """The training iterator of data shard `process_index` over several splits and
+  datasets of per-example records, read as one list (module doc).
+
+  `parts` are `(builder, splits)`; a VQA answer vocabulary `answers` (None: the
+  first builder's) labels every part (another build's targets are recomputed over
+  it from the raw answers). One part of one split reads exactly what
+  `make_task_train_iterator` reads; `name` is kept in the stream state. The other
+  arguments are those of `make_task_train_iterator`.
+  """
+  if not parts:
+    raise ValueError('make_task_mixture_iterator needs at least one (builder, splits) part')
+  if task == 'vqa' and answers is None:
+    answers = answer_vocab(parts[0][0])
+  # Each builder's `images` once, whatever its splits, after the previous builders'.
+  readers, images, first_row = [], [], {}
+  for builder, splits in parts:
+    if layout(builder, task) != 'examples':
+      raise ValueError(f'{_where(builder)}: several splits or datasets are read from '
+                       'per-example records (vqa_v2, vg_qa, refcoco builders) only')
+    for split in splits:
+      reader = _Reader(builder, spec, task, split, answers, target_scores)
+      if id(builder) not in first_row:
+        first_row[id(builder)] = sum(len(r) for r in images)
+        images.append(reader.images)
+      readers.append(reader)
+  offsets = [first_row[id(r.builder)] for r in readers]
+  sizes = np.asarray([r.num_examples for r in readers], np.int64)
+  lo, hi = shard_range(int(sizes.sum()), process_index, process_count)
+  if hi <= lo:
+    raise ValueError(f'{"+".join(r.split for r in readers)} of {_where(parts[0][0])} has '
+                     f'{int(sizes.sum())} examples: too few for {process_count} data shards')
+  first = np.cumsum(sizes) - sizes  # of each split in the list
+  pieces, piece_offsets = [], []
+  for reader, begin, size, offset in zip(readers, first, sizes, offsets):
+    a, b = max(lo - begin, 0), min(hi - begin, size)
+    if a < b:
+      pieces.append(reader.index(int(a), int(b)))
+      piece_offsets.append(offset)
+  index = examples.concat_indices(pieces, piece_offsets)
+  records = images[0] if len(images) == 1 else ConcatRecords(images)
+  classes = classes_for(spec, [r.num_classes for r in images])
+  batcher = Batcher(records, spec, tokenizer, index, readers[0].num_answers,
+                    num_classes=classes)
+  return train_iterator(batcher, seed=seed, process_index=process_index,
+                        start_index=start_index, worker_count=worker_count,
+                        num_threads=num_threads, prefetch=prefetch, name=name)
 
 
 def make_task_eval_dataset(builder, spec: BatchSpec, *, task: str, tokenizer: Tokenizer,

@@ -231,3 +231,26 @@ def index_example_records(builder, split: str, lo: int, hi: int, *, task: str,
       gt_box=np.stack(boxes).astype(np.float32) if n else np.zeros((0, 4), np.float32),
       sent_ids=sent_ids, target_iou=np.asarray(cols['target_iou'], np.float32).reshape(n),
       **common)
+
+
+def concat_indices(indices: list[ExampleIndex], row_offsets) -> ExampleIndex:
+  """Indices of one task as one, in order; index k's image rows shifted by
+  `row_offsets[k]` (its first row in the image records the batches read, e.g. a
+  `ConcatRecords` of several datasets' images)."""
+  if not indices or len(row_offsets) != len(indices):
+    raise ValueError(f'concat_indices: {len(indices)} indices, {len(row_offsets)} offsets')
+  tasks = {ix.task for ix in indices}
+  if len(tasks) != 1:
+    raise ValueError(f'concat_indices: indices of several tasks {sorted(tasks)}')
+  if len(indices) == 1 and not row_offsets[0]:
+    return indices[0]
+  cols = {}
+  for name in ExampleIndex.ATTRS:
+    values = [getattr(ix, name) for ix in indices]
+    if name == 'rows':
+      cols[name] = np.concatenate([v + int(o) for v, o in zip(values, row_offsets)])
+    elif isinstance(values[0], list):
+      cols[name] = [x for v in values for x in v]
+    else:
+      cols[name] = np.concatenate(values)
+  return ExampleIndex(indices[0].task, '+'.join(ix.split for ix in indices), **cols)

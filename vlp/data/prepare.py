@@ -5,10 +5,10 @@ r"""Builds a dataset from public files: `python -m vlp.data.prepare`.
   python -m vlp.data.prepare --dataset=vg_captions --manual_dir=/data/manual/vg \
       --data_dir=/data/tfds --features=lmdb:/data/uniter/img_db/vg
 
-Datasets: coco_karpathy, flickr30k_karpathy, vg_captions, vqa_v2, refcoco,
+Datasets: coco_karpathy, flickr30k_karpathy, vg_captions, vqa_v2, vg_qa, refcoco,
 refcoco_plus, refcocog (each builder's MANUAL_DOWNLOAD_INSTRUCTIONS say which
 files go where; `--help_dataset=NAME` prints them). Records are array_record
-under `<data_dir>/<dataset>/<config>/1.0.0/`; the config name lists the storage
+under `<data_dir>/<dataset>/<config>/<version>/`; the config name lists the storage
 choices (`float16`, `float16_c1601`, ...) and the command prints how to read it.
 
 Bad input stops the build with an error naming the file and line/record;
@@ -58,7 +58,7 @@ def define_flags() -> None:
                       "records ('uncompressed', 'snappy', 'zstd:3', 'brotli:6').")
   flags.DEFINE_multi_string('option', [], 'Builder config field, key=value (e.g. '
                             'num_answers=3129, spm_vocab_size=16000, test_fold_size=1000, '
-                            'val_every=50).')
+                            'val_every=50, devval_every=10).')
   flags.DEFINE_string('help_dataset', None, 'Print the manual download instructions of a '
                       'dataset and exit.')
 

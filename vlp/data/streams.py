@@ -184,6 +184,42 @@ class TrainIterator:
     self._it = None
 
 
+class StepStamped:
+  """A training stream whose batches carry their batch index, as `key` [B] int32.
+
+  Batch i of the stream is the batch of training step i (the loop starts the
+  stream at its resume step), so a loss whose form depends on the step can read
+  it from its batch and stay a pure `loss_fn(model, batch, rng)`. One value per
+  row, so that the column shards and splits into micro-batches like the rest.
+  Wraps a `TrainIterator` (or a `vlp.data.shards.ShardedIterator` of them).
+  """
+
+  def __init__(self, iterator, key: str):
+    self._it, self.key = iterator, key
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    index = self._it.get_state()['next_index']
+    batch = next(self._it)
+    rows = len(next(iter(batch.values())))
+    return dict(batch, **{self.key: np.full((rows,), index, np.int32)})
+
+  @property
+  def stats(self) -> dict:
+    return self._it.stats
+
+  def get_state(self) -> dict:
+    return self._it.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._it.set_state(state)
+
+  def close(self) -> None:
+    self._it.close()
+
+
 def train_iterator(batcher: Batcher | Sequence[Batcher], *, seed: int, process_index: int,
                    kind_for_index: Callable[[int], str] | None = None, start_index: int = 0,
                    worker_count: int = 0, num_threads: int = 2, prefetch: int = 4,

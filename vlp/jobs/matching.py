@@ -3,7 +3,8 @@ a pluggable similarity or pair scorer and a pluggable loss.
 
 Training batches are matched pairs (the retrieval job's); the `matching`
 objective scores every image of the batch against every caption
-(vlp/matching/objective.py). `config.matching` names the mechanism: streams,
+(vlp/matching/objective.py); they carry their training step (`StepStamped`) for
+the objective's `matching.mean_warmup_steps`. `config.matching` names the mechanism: streams,
 blocks, scorer, similarity and loss (vlp/matching/model.py).
 
 Evaluation over the test gallery (`config.eval_gallery_images` images, 0 = all,
@@ -39,18 +40,27 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vlp.data.streams import StepStamped
 from vlp.evaluators import retrieval as retrieval_eval
 from vlp.jobs import base, data_setup, eval_batches, pair_scoring
 from vlp.jobs.base import EvalContext, Feed, Job
 from vlp.jobs.pair_data import PairData
 from vlp.matching import score_matrix as score_matrix_lib, similarities
 from vlp.matching.model import SCORER_PARTS, MatchingModel, MatchingSpec
-from vlp.matching.objective import make_matching_loss
+from vlp.matching.objective import STEP_KEY, make_matching_loss
 from vlp.parallel import sharding as sharding_lib
 
 
+class StepStampedPairData(PairData):
+  """PairData whose training batches carry their step (`STEP_KEY`): the objective's
+  warm-up switches loss on it, and the loss stays a pure function of its batch."""
+
+  def train_iterator(self, kind_for_index, start_index: int = 0):
+    return StepStamped(super().train_iterator(kind_for_index, start_index), STEP_KEY)
+
+
 def make_matching_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
-  data = PairData(config, feed, masked=False, init_from=config.init_from)
+  data = StepStampedPairData(config, feed, masked=False, init_from=config.init_from)
   model_cfg = data_setup.model_config_for(config, data.tokenizer)
   m = config.matching
   spec = MatchingSpec.from_config(m)
@@ -59,7 +69,7 @@ def make_matching_job(config: ml_collections.ConfigDict, feed: Feed) -> Job:
                      "config.matching.encoder='uniter' (the dual-stream encoders have none)")
   loss_fns = {"matching": make_matching_loss(
       loss=m.loss, loss_args=m.loss_args, shapley_weight=m.shapley_weight,
-      shapley_permutations=m.shapley_permutations)}
+      shapley_permutations=m.shapley_permutations, mean_warmup_steps=m.mean_warmup_steps)}
   return Job(
       data=data, make_model=functools.partial(MatchingModel, model_cfg, spec),
       loss_fns=loss_fns, batch_kinds={"matching": None},  # Plain matched pairs.

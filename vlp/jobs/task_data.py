@@ -7,6 +7,12 @@ way `vlp.jobs.pair_data` wraps the pair pipeline: the global batch is cut into
 data shards (`vlp.data.shards`), a process builds the shards its devices hold,
 and the resumable position is the batch index. The tokenizer is resolved by
 `vlp.jobs.data_setup.tokenizer_path`.
+
+VQA `config.data` may list several splits and datasets of per-example records,
+`NAME[/BUILD][:SPLIT+SPLIT],...` (the `vlp.data.mixture` syntax without weights),
+e.g. `vqa_v2:train+restval,vg_qa:train`: their questions are read as one list, as
+the reference concatenates its VQA training sets; validation, the answer
+vocabulary and the tokenizer come from the first dataset.
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ class TaskData:
     self.config, self.task = config, task
     self.num_shards = feed.num_shards
     self.shards = shards_lib.shards_for_rows(feed.rows, config.batch_size, self.num_shards)
-    self.builder = data_setup.open_builder(config)
+    if task == "vqa":  # VQA trains on a list of splits and datasets; RE on one split.
+      self.parts = _vqa_parts(config)
+      self.builder = self.parts[0][1]  # validation, answers and tokenizer: the first's
+    else:
+      self.builder = data_setup.open_builder(config)
+      self.parts = [(data_setup.single_part(config), self.builder)]
     self.tokenizer = data_setup.open_tokenizer(config, self.builder,
                                                 init_from=config.init_from)
     self.layout = downstream.layout(self.builder, task)
@@ -54,6 +65,19 @@ class TaskData:
 
   def train_iterator(self, kind_for_index=None, start_index: int = 0):
     del kind_for_index  # One batch kind per fine-tuning job.
+    if self.task == "vqa" and self.layout == "examples":
+      name = ",".join(f"{b.info.name}/{b.builder_config.name}:{'+'.join(p.splits)}"
+                      for p, b in self.parts)
+      its = [downstream.make_task_mixture_iterator(
+          [(b, p.splits) for p, b in self.parts], self.spec, task=self.task,
+          tokenizer=self.tokenizer, seed=self.config.seed, process_index=shard,
+          process_count=self.num_shards, start_index=start_index, answers=self.answers,
+          worker_count=self.config.data_workers, name=name)
+             for shard in self.shards]
+      return its[0] if len(its) == 1 else shards_lib.ShardedIterator(its)
+    if len(self.parts) > 1 or self.parts[0][0].splits != ("train",):
+      raise ValueError(f"config.data={self.config.data!r}: {self.builder.info.full_name} "
+                       "(image-level records) trains on its 'train' split alone")
     its = [downstream.make_task_train_iterator(
         self.builder, self.spec, task=self.task, tokenizer=self.tokenizer,
         seed=self.config.seed, process_index=shard, process_count=self.num_shards,
@@ -89,3 +113,15 @@ class TaskData:
     return staging.stage(
         lambda d: data_setup.prepared_builder(self.config, d, "det_data_dir", any_build=True),
         det_dir, self.config.data_cache_dir)
+
+
+def _vqa_parts(config: ml_collections.ConfigDict):
+  """`[(part, builder)]` of the VQA training data (module doc); weights are refused,
+  since the parts are read as one list of questions."""
+  parts = data_setup.open_mixture(config)
+  weighted = [p.name for p, _ in parts if p.weight != 1]
+  if weighted:
+    raise ValueError(f"config.data={config.data!r}: the VQA job reads its datasets as one "
+                     f"list of questions (each once per epoch, as the reference); drop the "
+                     f"weights of {weighted}")
+  return parts

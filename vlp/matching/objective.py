@@ -7,6 +7,15 @@ diagonal without it). Padded rows (`example_mask` False) are neither positives
 nor negatives (the loss's image and text masks). The loss is
 `vlp.matching.losses`' `loss` with `loss_args`; `shapley_weight` > 0 adds LOUPE's
 (approximate) Shapley alignment regulariser on the matched rows.
+
+`mean_warmup_steps` > 0 (with `hinge_hardest` only) is VSE-infinity's warm-up:
+`hinge_sum` with the same arguments until that step, then the hardest negative.
+From random init the hardest negative alone gives every anchor one gradient
+through a near-random negative, and the embedding can collapse; the sum over all
+negatives first spreads the space out. The loss reads the step from the batch
+(`STEP_KEY`, one value per row: `vlp.data.streams.StepStamped`, which the
+matching job's training stream applies), so it stays a pure function of
+(model, batch, rng).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from vlp.matching import losses, shapley
 from vlp.matching.model import parse_args
 
 _PAD_SCORE = -1e4
+STEP_KEY = "train_step"  # [B] int32: the training step of the batch (every row alike).
 
 
 def positives_of(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -33,8 +43,10 @@ def positives_of(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
 
 
 def make_matching_loss(*, loss: str, loss_args: str = "", shapley_weight: float = 0.0,
-                       shapley_permutations: int = 4):
-  base = losses.get_loss(loss, **parse_args(loss_args, "matching.loss_args"))
+                       shapley_permutations: int = 4, mean_warmup_steps: int = 0):
+  hyper = parse_args(loss_args, "matching.loss_args")
+  base = losses.get_loss(loss, **hyper)
+  warmup = warmup_loss(loss, hyper, mean_warmup_steps)
 
   def matching_loss(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None):
     rngs = None if rng is None else nnx.Rngs(dropout=rng)
@@ -43,6 +55,14 @@ def make_matching_loss(*, loss: str, loss_args: str = "", shapley_weight: float 
     scores = model.scores(regions, region_mask, tokens, token_mask, rngs=rngs)
     positives, real = positives_of(batch)
     value = base(scores, positives, image_mask=real, text_mask=real)
+    if warmup is not None:
+      if STEP_KEY not in batch:
+        raise ValueError(f"matching.mean_warmup_steps={mean_warmup_steps} needs the batch's "
+                         f"training step {STEP_KEY!r} (vlp.data.streams.StepStamped); this "
+                         f"batch has {sorted(batch)}")
+      in_warmup = batch[STEP_KEY][0] < mean_warmup_steps
+      value = jnp.where(in_warmup, warmup(scores, positives, image_mask=real, text_mask=real),
+                        value)
     scores = jnp.where(real[:, None] & real[None, :], scores, _PAD_SCORE)  # for the R@1
     # In-batch R@1 both ways (a row's top column is one of its positives).
     hit_i2t = jnp.take_along_axis(positives, jnp.argmax(scores, 1)[:, None], 1)[:, 0]
@@ -61,3 +81,17 @@ def make_matching_loss(*, loss: str, loss_args: str = "", shapley_weight: float 
     return value, metrics
 
   return matching_loss
+
+
+def warmup_loss(loss: str, hyper: dict, mean_warmup_steps: int):
+  """The loss used before `mean_warmup_steps` (None without a warm-up): `hinge_sum`
+  with `hinge_hardest`'s margin and reduction."""
+  if int(mean_warmup_steps) < 0:
+    raise ValueError(f"matching.mean_warmup_steps must be >= 0, got {mean_warmup_steps}")
+  if not mean_warmup_steps:
+    return None
+  if loss != "hinge_hardest":
+    raise ValueError(f"matching.mean_warmup_steps={mean_warmup_steps} warms up "
+                     f"'hinge_hardest' with 'hinge_sum'; matching.loss is {loss!r} (set it "
+                     "to 'hinge_hardest' or mean_warmup_steps to 0)")
+  return losses.get_loss("hinge_sum", **hyper)

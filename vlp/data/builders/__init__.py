@@ -8,10 +8,11 @@ from vlp.data.builders.vlp_scenes import VlpScenes, VlpScenesConfig
 from vlp.data.builders.karpathy import CocoKarpathy, Flickr30kKarpathy
 from vlp.data.builders.refcoco import Refcoco, Refcocog, RefcocoPlus
 from vlp.data.builders.vg_captions import VgCaptions
+from vlp.data.builders.vg_qa import VgQa
 from vlp.data.builders.vqa_v2 import VqaV2
 
-BUILDERS = {b.name: b for b in (CocoKarpathy, Flickr30kKarpathy, VgCaptions, VqaV2,
+BUILDERS = {b.name: b for b in (CocoKarpathy, Flickr30kKarpathy, VgCaptions, VqaV2, VgQa,
                                 Refcoco, RefcocoPlus, Refcocog)}
 
 __all__ = ['VlpScenes', 'VlpScenesConfig', 'CocoKarpathy', 'Flickr30kKarpathy',
-           'VgCaptions', 'VqaV2', 'Refcoco', 'RefcocoPlus', 'Refcocog', 'BUILDERS']
+           'VgCaptions', 'VqaV2', 'VgQa', 'Refcoco', 'RefcocoPlus', 'Refcocog', 'BUILDERS']

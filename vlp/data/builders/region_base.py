@@ -32,7 +32,8 @@ REPORT_FILENAME = 'prepare_report.json'
 DETECTOR_CLASSES = 1601  # BUTD: 1600 Visual Genome classes + background
 _SHORT = {'feature_dim': 'd', 'soft_label_dim': 'c', 'conf_th': 'th', 'min_bb': 'min',
           'max_bb': 'max', 'spm_vocab_size': 'spm', 'test_fold_size': 'fold',
-          'num_answers': 'ans', 'val_every': 'val', 'max_groups_per_image': 'groups'}
+          'num_answers': 'ans', 'val_every': 'val', 'max_groups_per_image': 'groups',
+          'devval_every': 'devval'}
 _BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
 # The feature part of every builder's MANUAL_DOWNLOAD_INSTRUCTIONS.
 FEATURES_INSTRUCTIONS = """

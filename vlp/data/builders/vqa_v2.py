@@ -6,12 +6,21 @@ One schema, two record kinds (tfds gives a builder one feature set):
   sorted by image_id, with the image-level region fields of `vlp_scenes`
   (image_id, image_w, image_h, features, boxes, img_pos, conf[, soft_labels]);
   its question fields are empty.
-* question splits `train`, `val` (with annotations) and `test`, `test_dev`
-  (questions only; built when their files are present): one record per question
+* question splits `train`, `val` (with annotations), `devval` and `restval` (val
+  cut in two, below) and `test`, `test_dev` (questions only; built when their
+  files are present): one record per question
   with `question_id`, `image_id`, `image_index` (row of the image in `images`),
   `question`, the raw `answers` (10), `multiple_choice_answer`, `answer_type`,
   `question_type` and the soft target `labels [n] int32` / `scores [n] float32`
   (the vocabulary answers with a positive score). Their region fields are empty.
+
+Held-out validation (UNITER trains on train + most of val and selects its step on
+the rest, its `devval`; its question-id list ships only inside its preprocessed
+databases): `devval` holds the questions of every `devval_every`-th val image in
+ascending image_id order (image rank % devval_every == devval_every - 1, over the
+images of the val questions file), `restval` the other val questions; so
+`train+restval` is the training data and `devval` the validation split. 0 (or
+val questions on fewer than `devval_every` images): no `devval` / `restval`.
 
 Answer vocabulary: the `num_answers` (3129) most frequent normalised
 `multiple_choice_answer`s of train (ties alphabetical), written as `answers.json`
@@ -51,11 +60,34 @@ _OPTIONAL = ('test', 'test_dev')
 @dataclasses.dataclass(kw_only=True)
 class VqaV2Config(region_base.RegionConfig):
   num_answers: int = 3129
+  devval_every: int = 10
+
+
+def split_devval(questions: list[dict], every: int) -> tuple[list[dict], list[dict]]:
+  """(devval, restval) of the val questions (rule in the module doc), each in the
+  order of `questions`."""
+  if every < 0:
+    raise ValueError(f'devval_every must be >= 0, got {every}')
+  if not every:
+    return [], list(questions)
+  images = sorted({q['image_id'] for q in questions})
+  held = {image_id for rank, image_id in enumerate(images) if rank % every == every - 1}
+  return ([q for q in questions if q['image_id'] in held],
+          [q for q in questions if q['image_id'] not in held])
 
 
 def answer_vocab(builder) -> list[str]:
   """The answer list of a prepared `vqa_v2` dataset (label = position)."""
   return json.loads((epath.Path(builder.data_dir) / ANSWERS_FILENAME).read_text())
+
+
+def require_fields(record, keys, where: str) -> None:
+  """BadInput('missing_field') naming the first of `keys` that `record` lacks."""
+  if not isinstance(record, dict):
+    raise BadInput('missing_field', where, f'expected an object with fields {list(keys)}')
+  for key in keys:
+    if key not in record:
+      raise BadInput('missing_field', where, f'no field {key!r}')
 
 
 def _load_list(path: str, key: str) -> list:
@@ -69,8 +101,13 @@ class VqaV2(region_base.RegionBuilder):
   """VQA v2 (COCO images): question records with soft targets + an image split."""
 
   name = 'vqa_v2'
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'Splits devval and restval (val cut in two).'}
+  SUPPORTED_VERSIONS = [tfds.core.Version('1.0.0')]  # older builds stay readable
   BUILDER_CONFIGS = region_base.standard_configs(VqaV2Config)
   DEFAULT_CONFIG_NAME = BUILDER_CONFIGS[0].name
+  IMAGES = 'COCO'  # whose images the `images` split holds (in messages)
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Put in <manual_dir> the official VQA v2 files (visualqa.org):\n' + ''.join(
           f'  {q}\n' + (f'  {a}\n' if a else '') for q, a in FILES.values())
@@ -101,9 +138,8 @@ class VqaV2(region_base.RegionBuilder):
     if a_name:
       for i, ann in enumerate(_load_list(os.path.join(manual, a_name), 'annotations')):
         try:
-          for key in ('question_id', 'answers', 'multiple_choice_answer'):
-            if key not in ann:
-              raise BadInput('missing_field', f'{a_name}: annotations[{i}]', f'no field {key!r}')
+          require_fields(ann, ('question_id', 'answers', 'multiple_choice_answer'),
+                         f'{a_name}: annotations[{i}]')
         except BadInput as err:
           self.bad(err)
           continue
@@ -112,9 +148,7 @@ class VqaV2(region_base.RegionBuilder):
     for i, q in enumerate(questions):
       where = f'{q_name}: questions[{i}]'
       try:
-        for key in ('question_id', 'image_id', 'question'):
-          if key not in q:
-            raise BadInput('missing_field', where, f'no field {key!r}')
+        require_fields(q, ('question_id', 'image_id', 'question'), where)
         entry = {'question_id': int(q['question_id']), 'image_id': int(q['image_id']),
                  'question': str(q['question']), 'where': where}
         if a_name:
@@ -150,6 +184,12 @@ class VqaV2(region_base.RegionBuilder):
         raise FileNotFoundError(f'{manual}/{q_name} not found.\n'
                                 f'{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
       splits[split] = self._questions(manual, split)
+    devval, restval = split_devval(splits['val'], cfg.devval_every)
+    if devval and restval:
+      splits.update(devval=devval, restval=restval)
+    elif cfg.devval_every:  # tiny data: tfds writes no empty split
+      self.report.notes['split devval'] = (f'not built (the val questions cover fewer than '
+                                           f'{cfg.devval_every} images)')
     vocab = build_vocab([q['multiple_choice_answer'] for q in splits['train']],
                         cfg.num_answers)
     self.write_file(ANSWERS_FILENAME, json.dumps(vocab))
@@ -164,7 +204,7 @@ class VqaV2(region_base.RegionBuilder):
 
   def _generate_images(self, image_ids, source):
     for image_id in image_ids:
-      record = self.read_image(source, image_id, f'COCO image {image_id}')
+      record = self.read_image(source, image_id, f'{self.IMAGES} image {image_id}')
       if record is None:
         self.report.drop('images', 'bad input or no features')
         continue
