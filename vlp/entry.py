@@ -18,6 +18,7 @@ with status `preemption.EXIT_PREEMPTED` (42), which the launchers requeue on.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable, Sequence
 
@@ -29,8 +30,14 @@ from vlp import config_lib
 from vlp.parallel import preemption, runtime  # runtime defines the multi-host flags.
 
 
+@functools.cache
 def config_flag() -> flags.FlagHolder:
-  """`--config=path[:arg]`: a config file, locked (an unknown key is an error)."""
+  """`--config=path[:arg]`: a config file, locked (an unknown key is an error).
+
+  Defined once per process: each command module asks for it at import, and a process
+  that imports two of them (a test session, a tool reusing another's functions) gets
+  the one flag instead of absl's duplicate-flag error.
+  """
   return config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                          lock_config=True)
 
