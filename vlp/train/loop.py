@@ -223,6 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if ckpt.latest_step() != step:
       save(step, force=True)
   if best_metric:
+    ckpt.wait()  # The last save is asynchronous: its metrics are readable once written.
     metrics_lib.log(f"best {best_metric}: step {ckpt.best_step()} "
                     "(python -m vlp.evaluate --step=best)")
   ckpt.close()
