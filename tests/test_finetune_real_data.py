@@ -26,6 +26,7 @@ numpy IoU), never from the builders' or evaluators' code.
 import json
 import os
 import re
+import types
 
 import jax
 import numpy as np
@@ -531,3 +532,16 @@ def test_refcoco_finetune_gt_and_det_settings(built, tmp_path):
       again['settings']['det']
   assert again['grounding_acc/testB'] == out['grounding_acc_gt/testB']
   assert 'grounding_acc_det/val' not in again
+
+
+def test_tokenizer_stored_with_the_data_is_recorded_absolute(built, tmp_path, monkeypatch):
+  # `make demo` passes a relative data_dir; the path a checkpoint records must still
+  # name the file when a later run starts in another directory.
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'rel' / 'build').mkdir(parents=True)
+  (tmp_path / 'rel' / 'build' / 'spm.model').write_bytes(
+      open(built['tokenizer'].path, 'rb').read())
+  cfg = small('configs/finetune_vqa.py:size=tiny,data=vqa_v2', 'rel')
+  builder = types.SimpleNamespace(data_dir='rel/build')
+  path = data_setup.tokenizer_path(cfg, builder, init_from='')
+  assert path == str(tmp_path / 'rel' / 'build' / 'spm.model')

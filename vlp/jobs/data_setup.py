@@ -130,8 +130,11 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, builder, *,
     return requested, False
   # Named by the data_dir itself, also where the records were staged (recorded
   # paths must name the shared copy, not one host's cache).
-  stored = epath.Path(staging.origin(os.fspath(epath.Path(builder.data_dir) / "spm.model"),
-                                    config.data_dir, config.data_cache_dir))
+  # Absolute too: a relative config.data_dir (as `make demo` passes) would record a
+  # path that breaks for a later run started elsewhere.
+  stored = epath.Path(storage.absolute(staging.origin(
+      os.fspath(epath.Path(builder.data_dir) / "spm.model"), config.data_dir,
+      config.data_cache_dir)))
   if config.data == "vlp_scenes" or stored.exists():
     return os.fspath(stored), False
   raise FileNotFoundError(
