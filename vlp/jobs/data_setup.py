@@ -5,6 +5,7 @@ local copy (`vlp.data.staging`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -57,17 +58,21 @@ def _open_part(config: ml_collections.ConfigDict, part: mixture.Part):
     _prepare_scenes(config)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("vlp_scenes prepared")
-  return staging.stage(lambda d: scenes.prepare_scenes(
-      d, feature_dim=config.feature_dim, size=config.data_size),
-                       config.data_dir, config.data_cache_dir)
+  return staging.stage(lambda d: _scenes_in(config, d), config.data_dir,
+                       config.data_cache_dir)
+
+
+def _scenes_in(config: ml_collections.ConfigDict, data_dir: str):
+  """The vlp_scenes build the config asks for under `data_dir` (built if missing)."""
+  return scenes.prepare_scenes(data_dir, feature_dim=config.feature_dim,
+                               size=config.data_size)
 
 
 def _prepare_scenes(config: ml_collections.ConfigDict) -> None:
   """Builds vlp_scenes under `config.data_dir` unless it is there. tfds writes
   array_record files locally only, so for an object store it is built in the
   local cache and uploaded."""
-  prepare = lambda d: scenes.prepare_scenes(d, feature_dim=config.feature_dim,
-                                            size=config.data_size)
+  prepare = functools.partial(_scenes_in, config)
   if storage.is_local(config.data_dir):
     prepare(config.data_dir)
     return

@@ -165,6 +165,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     metrics_lib.log(f"{why}; exiting")
     raise why
 
+  def evaluate_or_stop(step: int) -> dict[str, Any]:
+    # A SIGTERM during the evaluation stops the run with this evaluation pending.
+    try:
+      return evaluate(state.params, step=step)
+    except preemption_lib.Preempted as why:
+      stop(step, why, eval_pending=True)
+
   eval_on = config.eval_every > 0  # eval_every <= 0 turns evaluation off.
 
   def eval_due(step: int) -> bool:
@@ -186,10 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         contextlib.closing(profiler), contextlib.closing(writer),
         contextlib.closing(eval_writer)):
     if eval_pending and eval_due(step):
-      try:
-        last_eval = evaluate(state.params, step=step)
-      except preemption_lib.Preempted as why:
-        stop(step, why, eval_pending=True)
+      last_eval = evaluate_or_stop(step)
     while step < config.total_steps:
       task = mix.task(step)
       with interval.timed("data"):
@@ -209,10 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         stop(step, preemption_lib.Preempted(step, "training"), eval_pending=eval_due(step))
       evaluated = eval_due(step)
       if evaluated:
-        try:
-          last_eval = evaluate(state.params, step=step)
-        except preemption_lib.Preempted as why:
-          stop(step, why, eval_pending=True)
+        last_eval = evaluate_or_stop(step)
       # After the evaluation: a checkpoint at an eval step means that evaluation ran. An
       # evaluated step with a `best_metric` is saved with it: it may be the best.
       scored = best_score(last_eval, best_metric) if evaluated else None
